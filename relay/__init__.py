@@ -1,0 +1,3 @@
+"""relay: a local gateway for Segment-protocol analytics."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""Wires config, storage, rules, ingest and forwarders into one aiohttp Application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from relay.config import Config
+from relay.forwarder import Forwarder
+from relay.ingest import Ingest, mask
+from relay.outbox import Outbox
+from relay.pipeline import Pipeline
+
+log = logging.getLogger("relay")
+
+
+class Relay:
+    """The running parts of one relay, started and stopped with the Application."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.outbox = Outbox(config.storage.path, [u.name for u in config.upstreams],
+                             config.storage.synchronous)
+        self.pipeline = Pipeline(config.rules)
+        self.ingest = Ingest(config.write_keys, self.pipeline, self.outbox)
+        self.forwarders: list[Forwarder] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: storage and forwarders up before serving, down after."""
+        await self.outbox.open()
+        session = aiohttp.ClientSession()
+        for upstream in self.config.upstreams:
+            forwarder = Forwarder(upstream, self.outbox, session)
+            self.forwarders.append(forwarder)
+            self.tasks.append(asyncio.create_task(forwarder.run(), name=f"forward-{upstream.name}"))
+        self._log_start()
+        try:
+            yield
+        finally:
+            await self._stop()
+            await session.close()
+            await self.outbox.close()
+
+    async def _stop(self) -> None:
+        grace = self.config.shutdown_grace_seconds
+        for forwarder in self.forwarders:
+            forwarder.stop(grace)
+        _, late = await asyncio.wait(self.tasks, timeout=grace + 1.0) if self.tasks else ((), ())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for forwarder in self.forwarders:
+            left = await self.outbox.backlog(forwarder.upstream.name)
+            if left:
+                log.info("stopped: %d message(s) for %s kept for the next start", left,
+                         forwarder.upstream.name)
+
+    def ready(self) -> dict[str, bool]:
+        """What /readyz checks: storage writable, every forwarder running."""
+        running = bool(self.tasks) and all(not t.done() for t in self.tasks)
+        return {"storage": self.outbox.writable, "forwarders": running}
+
+    def _log_start(self) -> None:
+        config = self.config
+        keys = ", ".join(mask(k) for k in config.write_keys) or "any"
+        ups = ", ".join(
+            f"{u.name} ({u.kind} {u.url}, key {mask(u.write_key) if u.write_key else 'from SDK'})"
+            for u in config.upstreams
+        )
+        log.info("relay: listening on %s; storage %s; write keys %s; %d rule(s); upstreams: %s",
+                 config.listen, config.storage.path, keys, len(config.rules), ups)
+
+
+RELAY = web.AppKey("relay", Relay)
+
+# Passed to aiohttp's server: a refused body is not read to its end, the connection just closes.
+SERVER_OPTIONS: dict[str, Any] = {"lingering_time": 0.0, "access_log": None}
+
+
+def build(config: Config) -> web.Application:
+    """The Application for `config`; storage opens when it starts."""
+    app = web.Application()
+    relay = Relay(config)
+    app[RELAY] = relay
+    app.cleanup_ctx.append(relay.lifecycle)
+    app.add_routes(relay.ingest.routes())
+    app.add_routes([web.get("/healthz", _healthz), web.get("/readyz", _readyz)])
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    checks = request.app[RELAY].ready()
+    ok = all(checks.values())
+    return web.json_response({"ready": ok, **checks}, status=200 if ok else 503)

@@ -1,0 +1,77 @@
+"""The `relay` command: parses arguments and calls into the package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from relay import app, config
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one sub-command; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    code: int = args.func(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    default = os.environ.get("RELAY_CONFIG", config.DEFAULT_PATH)
+    for name, func, text in (
+        ("serve", _serve, "run relay: accept, store and forward messages"),
+        ("check", _check, "validate a config file and exit"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", default=default,
+                         help=f"config file (default: $RELAY_CONFIG or {config.DEFAULT_PATH})")
+        cmd.set_defaults(func=func)
+    return parser
+
+
+def _load(path: str) -> config.Config | None:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    print(f"{args.config}: ok ({len(loaded.upstreams)} upstream(s), {len(loaded.rules)} rule(s))")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        web.run_app(app.build(loaded), host=loaded.host, port=loaded.port,
+                    print=None, shutdown_timeout=10.0, **app.SERVER_OPTIONS)
+    except sqlite3.DatabaseError as exc:
+        print(f"relay: cannot open storage {loaded.storage.path}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay: cannot listen on {loaded.listen}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,43 @@
+"""ISO-8601 times as the Segment protocol writes them, and clock-skew correction."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse(value: Any) -> datetime | None:
+    """`value` as an aware datetime, or None when it is not an ISO-8601 string."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def iso(moment: datetime) -> str:
+    """`moment` in UTC, millisecond precision, `Z` suffix: what analytics.js sends."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def corrected(timestamp: Any, sent_at: datetime | None, received_at: datetime) -> str | None:
+    """The event time with the client's clock skew removed, or None to leave it as sent.
+
+    Segment's formula (protocol.md §1.8): `timestamp = receivedAt - (sentAt - timestamp)`. Applied
+    at receive time, so hours spent in the outbox never shift the event.
+    """
+    if timestamp is None:
+        return iso(received_at)
+    moment = parse(timestamp)
+    if moment is None or sent_at is None:
+        return None
+    try:
+        return iso(moment + (received_at - sent_at))
+    except OverflowError:
+        return None

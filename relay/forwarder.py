@@ -1,0 +1,196 @@
+"""Drains one upstream's outbox: batches, backoff, Retry-After, bisecting, dead letters, pauses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from relay import clock, protocol
+from relay.config import Upstream
+from relay.outbox import Outbox, Pending
+
+log = logging.getLogger("relay.forwarder")
+
+RETRY_AFTER_CAP = 300.0
+ANSWER_SNIPPET = 500
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the upstream said to one batch; status 0 when it said nothing (refused, timed out)."""
+
+    status: int
+    text: str
+    retry_after: float | None = None
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        if parsed is None or parsed.tzinfo is None:
+            return None
+        seconds = (parsed - clock.now()).total_seconds()
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def retryable(status: int) -> bool:
+    """Whether keeping the batch and trying again later is right for `status` (§3.8)."""
+    return status == 0 or status in (408, 410, 429, 460) or status >= 500
+
+
+class Forwarder:
+    """Sends one upstream everything its queue holds, in order, for as long as relay runs."""
+
+    def __init__(self, upstream: Upstream, outbox: Outbox, session: aiohttp.ClientSession) -> None:
+        self.upstream = upstream
+        self.outbox = outbox
+        self.session = session
+        self.url = protocol.batch_url(upstream.kind, upstream.url)
+        self.failures = 0
+        self.paused = False
+        self._deadline: float | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self, grace_seconds: float) -> None:
+        """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
+        self._deadline = time.monotonic() + grace_seconds
+        self._stop.set()
+
+    async def run(self) -> None:
+        """The delivery loop; returns after `stop` once the queue is empty or the grace is over."""
+        signal = self.outbox.signal(self.upstream.name)
+        while not self._out_of_time():
+            signal.clear()
+            batch = await self.outbox.next_batch(
+                self.upstream.name,
+                self.upstream.max_batch_messages,
+                self.upstream.max_batch_bytes - 256,
+                by_key=not self.upstream.write_key,
+            )
+            if not batch:
+                if self._stop.is_set():
+                    return
+                await _wait(signal, 1.0)
+                continue
+            wait = await self.deliver(batch)
+            if wait is not None:
+                await self._sleep(wait)
+
+    async def deliver(self, batch: list[Pending]) -> float | None:
+        """Sends `batch`; None when it was settled (sent or set aside), else seconds to wait."""
+        answer = await self.post(batch)
+        if 200 <= answer.status < 300:
+            await self.outbox.ack(batch)
+            self._recovered()
+            return None
+        if answer.status in (400, 413):
+            return await self._bisect(batch, answer)
+        if retryable(answer.status):
+            return self._backoff(answer)
+        if answer.status in (401, 403) or 300 <= answer.status < 400:
+            return self._pause(answer)
+        await self._dead_letter(batch, answer)
+        return None
+
+    async def post(self, batch: list[Pending]) -> Answer:
+        """One batch request; network failures and timeouts are status 0."""
+        key = self.upstream.write_key or batch[0].write_key
+        body = protocol.batch_body(self.upstream.kind, [p.body for p in batch], key, clock.now())
+        timeout = aiohttp.ClientTimeout(total=self.upstream.timeout_seconds)
+        try:
+            async with self.session.post(
+                self.url, data=body, headers=protocol.batch_headers(key),
+                timeout=timeout, allow_redirects=False,
+            ) as response:
+                text = await response.text(errors="replace")
+                wait = retry_after(response.headers.get("Retry-After"))
+                return Answer(response.status, text[:ANSWER_SNIPPET], wait)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return Answer(0, f"{type(exc).__name__}: {exc}"[:ANSWER_SNIPPET])
+
+    async def _bisect(self, batch: list[Pending], answer: Answer) -> float | None:
+        """A refused batch split in halves until the message the upstream rejects stands alone."""
+        if len(batch) == 1:
+            await self._dead_letter(batch, answer)
+            return None
+        middle = len(batch) // 2
+        for half in (batch[:middle], batch[middle:]):
+            wait = await self.deliver(half)
+            if wait is not None:
+                return wait
+        return None
+
+    async def _dead_letter(self, batch: list[Pending], answer: Answer) -> None:
+        await self.outbox.dead_letter(self.upstream.name, batch, answer.status, answer.text)
+        log.error(
+            "upstream %s: %d message(s) dead-lettered, answer %d: %s",
+            self.upstream.name, len(batch), answer.status, _one_line(answer.text),
+        )
+
+    def _backoff(self, answer: Answer) -> float:
+        self.failures += 1
+        ceiling = min(
+            self.upstream.backoff_max_seconds,
+            self.upstream.backoff_initial_seconds * 2 ** min(self.failures - 1, 30),
+        )
+        wait = random.uniform(ceiling / 2, ceiling)
+        if answer.retry_after is not None:
+            wait = max(wait, answer.retry_after)
+        if self.failures == 1:
+            log.warning(
+                "upstream %s: failing (%s); keeping messages, retrying with backoff",
+                self.upstream.name, _describe(answer),
+            )
+        return wait
+
+    def _pause(self, answer: Answer) -> float:
+        if not self.paused:
+            log.error(
+                "upstream %s: paused, answer %s; messages are kept. Check its url and write_key;"
+                " relay tries again every %.0fs",
+                self.upstream.name, _describe(answer), self.upstream.pause_seconds,
+            )
+        self.paused = True
+        return self.upstream.pause_seconds
+
+    def _recovered(self) -> None:
+        if self.failures or self.paused:
+            log.warning("upstream %s: delivering again", self.upstream.name)
+        self.failures = 0
+        self.paused = False
+
+    def _out_of_time(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._deadline is None:
+            await _wait(self._stop, seconds)  # a stop wakes it for one last try within the grace
+        else:
+            await asyncio.sleep(min(seconds, max(self._deadline - time.monotonic(), 0.0)))
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+
+
+def _describe(answer: Answer) -> str:
+    if answer.status == 0:
+        return answer.text
+    return f"{answer.status} {_one_line(answer.text)[:120]}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,131 @@
+"""The inbound HTTP side: the vendors' routes, limits, auth, and the answer only once stored."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+
+from relay import clock, protocol
+from relay.outbox import Entry, Outbox, StorageError
+from relay.pipeline import Pipeline, RuleContext
+from relay.protocol import PayloadError, Route
+
+log = logging.getLogger("relay.ingest")
+
+OK = {"success": True}
+STORAGE_RETRY_AFTER = "5"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    """An error answer as every SDK logs it: `{"code", "message"}`."""
+    return web.json_response({"code": code, "message": message}, status=status, headers=headers)
+
+
+def mask(key: str) -> str:
+    """A write key as logs may show it: enough to tell keys apart, never enough to use one."""
+    return f"{key[:4]}…" if len(key) > 8 else "…" if key else "(none)"
+
+
+class Ingest:
+    """Turns SDK requests into stored messages; one handler per route of `protocol.routes()`."""
+
+    def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, outbox: Outbox) -> None:
+        self.write_keys = frozenset(write_keys)
+        self.pipeline = pipeline
+        self.outbox = outbox
+
+    def routes(self) -> list[web.RouteDef]:
+        """A POST route for every inbound path."""
+        return [web.post(route.path, self._handler(route)) for route in protocol.routes()]
+
+    def _handler(self, route: Route) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                await self.accept(request, route)
+            except PayloadError as exc:
+                return error(exc.status, exc.code, exc.message)
+            except StorageError as exc:
+                return error(503, "storage_unavailable", f"cannot store messages: {exc}",
+                             **{"Retry-After": STORAGE_RETRY_AFTER})
+            return web.json_response(OK)
+
+        return handle
+
+    async def accept(self, request: web.Request, route: Route) -> None:
+        """Reads, checks and stores one request's messages; raises PayloadError to refuse it."""
+        raw = await read_body(request)
+        if route.metrics:
+            return
+        payload = protocol.decode(raw)
+        items, top = protocol.envelope(payload, route)
+        key = protocol.write_key(request.headers.get("Authorization"), top)
+        if self.write_keys and key not in self.write_keys:
+            raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
+        if len(raw) > protocol.MAX_MESSAGE_BYTES:
+            index = 0 if not route.batch else protocol.oversized(items)
+            if index is not None:
+                raise PayloadError(413, "message_too_large",
+                                   f"message {index} is over {protocol.MAX_MESSAGE_BYTES} bytes")
+        entries, counts = await self.process(items, top, route, request.remote)
+        if counts:
+            log.info("ingest: from key %s, not forwarded: %s", mask(key),
+                     ", ".join(f"{name}={n}" for name, n in sorted(counts.items())))
+        await self.outbox.put(key, entries, counts)
+
+    async def process(
+        self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None
+    ) -> tuple[list[Entry], Counter[str]]:
+        """Each item validated, stamped and run through the rules; what is left, serialised."""
+        received = clock.now()
+        ctx = RuleContext(route=route.path)
+        entries: list[Entry] = []
+        counts: Counter[str] = Counter()
+        for item in items:
+            message = protocol.message_from(item, top, route)
+            reason = protocol.invalid_reason(message)
+            if reason is not None:
+                counts[f"invalid.{reason}"] += 1
+                continue
+            ip = remote if protocol.wants_ip(message, route) else None
+            protocol.stamp(message, item.get("sentAt", top.get("sentAt")), received, ip)
+            outcome = await self.pipeline.run(message, ctx)
+            if outcome.message is None:
+                counts[f"dropped.{outcome.dropped_by}"] += 1
+                continue
+            final = outcome.message
+            entries.append(Entry(protocol.user_key(final), protocol.dumps(final)))
+        return entries, counts
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The decompressed body, refused with 413 as soon as it passes the request limit."""
+    limit = protocol.MAX_REQUEST_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise _unread(request, 413, "request_too_large", f"request body is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise _unread(request, 413, "request_too_large",
+                              f"request body is over {limit} bytes once decompressed")
+            chunks.append(chunk)
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise _unread(request, 400, "invalid_body", f"cannot read body: {detail}") from None
+    return b"".join(chunks)
+
+
+def _unread(request: web.Request, status: int, code: str, message: str) -> PayloadError:
+    """The refusal for a body relay stops reading (the server, with `lingering_time=0`, then
+    closes the connection after the answer instead of reading the rest)."""
+    return PayloadError(status, code, message)

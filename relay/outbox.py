@@ -1,0 +1,248 @@
+"""The durable per-upstream queue in SQLite: group commit in, acks and dead letters out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger("relay.outbox")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    upstream TEXT NOT NULL,
+    write_key TEXT NOT NULL,
+    user_key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    enqueued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_upstream ON outbox (upstream, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    upstream TEXT NOT NULL,
+    write_key TEXT NOT NULL,
+    user_key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    enqueued_at REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    status INTEGER NOT NULL,
+    answer TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
+"""
+
+
+class StorageError(Exception):
+    """SQLite could not commit: the request must not be answered 200."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One accepted message, serialised, as it goes into every upstream's queue."""
+
+    user_key: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One queued message of one upstream, as the forwarder reads it."""
+
+    id: int
+    write_key: str
+    user_key: str
+    body: str
+    enqueued_at: float
+
+
+Statement = tuple[str, list[tuple[Any, ...]]]
+
+_INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
+           " VALUES (?, ?, ?, ?, ?)")
+_DELETE = "DELETE FROM outbox WHERE id = ?"
+_DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueued_at, failed_at,"
+         " status, answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
+          " ON CONFLICT(name) DO UPDATE SET count = count + excluded.count")
+
+
+class Outbox:
+    """One SQLite file (WAL); one writer task commits every queued write in one transaction."""
+
+    def __init__(self, path: str, upstreams: Sequence[str], synchronous: str = "full") -> None:
+        self.path = path
+        self.upstreams = tuple(upstreams)
+        self.synchronous = synchronous.upper()
+        self.writable = False
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._ops: list[tuple[list[Statement], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._signals = {name: asyncio.Event() for name in self.upstreams}
+
+    async def open(self) -> None:
+        """Opens (creating if needed) the database; raises sqlite3 errors for a bad file."""
+        directory = os.path.dirname(os.path.abspath(self.path))  # noqa: ASYNC240 (once, at start)
+        os.makedirs(directory, exist_ok=True)
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._writer.execute("PRAGMA journal_mode=WAL")
+        await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
+        await self._writer.execute("PRAGMA busy_timeout=5000")
+        await self._writer.executescript(SCHEMA)
+        await self._writer.execute("PRAGMA quick_check")
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA busy_timeout=5000")
+        self.writable = True
+        self._task = asyncio.create_task(self._write_loop(), name="outbox-writer")
+        for event in self._signals.values():
+            event.set()  # a backlog from the last run is there to be sent
+
+    async def close(self) -> None:
+        """Commits what is queued, then closes both connections."""
+        if self._task is not None:
+            self._closing = True
+            self._wake.set()
+            await self._task
+            self._task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    def signal(self, upstream: str) -> asyncio.Event:
+        """Set whenever new messages for `upstream` are committed."""
+        return self._signals[upstream]
+
+    async def put(self, write_key: str, entries: Sequence[Entry], counts: Counter[str]) -> None:
+        """Commits `entries` into every upstream's queue, and `counts`; returns once durable."""
+        now = time.time()
+        rows = [(u, write_key, e.user_key, e.body, now) for u in self.upstreams for e in entries]
+        await self._submit([(_INSERT, rows), (_COUNT, list(counts.items()))])
+        if rows:
+            for event in self._signals.values():
+                event.set()
+
+    async def count(self, counts: Counter[str]) -> None:
+        """Adds `counts` to the durable counters."""
+        await self._submit([(_COUNT, list(counts.items()))])
+
+    async def next_batch(
+        self, upstream: str, max_messages: int, max_bytes: int, by_key: bool
+    ) -> list[Pending]:
+        """The oldest messages of `upstream` (all with the oldest one's key when `by_key`)."""
+        assert self._reader is not None
+        sql = "SELECT id, write_key, user_key, body, enqueued_at FROM outbox WHERE upstream = ?"
+        args: tuple[Any, ...] = (upstream,)
+        if by_key:
+            sql += (" AND write_key = (SELECT write_key FROM outbox WHERE upstream = ?"
+                    " ORDER BY id LIMIT 1)")
+            args = (upstream, upstream)
+        async with self._reader.execute(sql + " ORDER BY id LIMIT ?", (*args, max_messages)) as cur:
+            rows = await cur.fetchall()
+        batch: list[Pending] = []
+        size = 0
+        for row in rows:
+            size += len(row[3]) + 1
+            if batch and size > max_bytes:
+                break
+            batch.append(Pending(*row))
+        return batch
+
+    async def ack(self, pending: Iterable[Pending]) -> None:
+        """Removes delivered messages."""
+        await self._submit([(_DELETE, [(p.id,) for p in pending])])
+
+    async def dead_letter(
+        self, upstream: str, pending: Sequence[Pending], status: int, answer: str
+    ) -> None:
+        """Moves messages the upstream refused for good into `dead_letters`, with its answer."""
+        now = time.time()
+        rows = [(upstream, p.write_key, p.user_key, p.body, p.enqueued_at, now, status, answer)
+                for p in pending]
+        await self._submit([(_DEAD, rows), (_DELETE, [(p.id,) for p in pending])])
+
+    async def backlog(self, upstream: str) -> int:
+        """How many messages wait for `upstream`."""
+        assert self._reader is not None
+        sql = "SELECT count(*) FROM outbox WHERE upstream = ?"
+        async with self._reader.execute(sql, (upstream,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _submit(self, statements: list[Statement]) -> None:
+        if self._task is None or self._closing:
+            raise StorageError("storage is closed")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ops.append((statements, future))
+        self._wake.set()
+        await future
+
+    async def _transaction(self, statements: list[Statement]) -> None:
+        """Every queued write in one transaction, so one fsync serves them all."""
+        conn = self._writer
+        assert conn is not None
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in statements:
+                await conn.executemany(sql, rows)
+            await conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await asyncio.shield(conn.execute("ROLLBACK"))
+            raise
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ops, self._ops = self._ops, []
+            if ops:
+                await self._commit(ops)
+            if self._closing and not self._ops:
+                return
+
+    async def _commit(self, ops: list[tuple[list[Statement], asyncio.Future[None]]]) -> None:
+        try:
+            await self._transaction(_merged(s for statements, _ in ops for s in statements))
+        except sqlite3.Error as exc:
+            if self.writable:
+                log.error("storage: cannot commit (%s); answering 503 until it can", exc)
+            self.writable = False
+            error = StorageError(str(exc))
+            for _, future in ops:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        if not self.writable:
+            log.warning("storage: writable again")
+        self.writable = True
+        for _, future in ops:
+            if not future.done():
+                future.set_result(None)
+
+
+def _merged(statements: Iterable[Statement]) -> list[Statement]:
+    """Adjacent statements with the same SQL as one executemany; order is kept."""
+    out: list[Statement] = []
+    for sql, rows in statements:
+        if not rows:
+            continue
+        if out and out[-1][0] == sql:
+            out[-1][1].extend(rows)
+        else:
+            out.append((sql, list(rows)))
+    return out

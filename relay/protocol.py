@@ -1,0 +1,220 @@
+"""The Segment tracking protocol on the wire: inbound payloads to messages, messages to batches."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from relay import clock
+
+Message = dict[str, Any]
+
+TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_REQUEST_BYTES = 500 * 1024
+MAX_MESSAGE_ID = 100
+_SHORT = {t[0]: t for t in TYPES}
+_ENVELOPE = ("writeKey", "sentAt")
+
+
+class PayloadError(Exception):
+    """A request relay refuses whole: answered with `status` and `{"code", "message"}`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Route:
+    """What an inbound path carries: one message of `type`, a batch, or metrics."""
+
+    path: str
+    type: str | None = None
+    batch: bool = False
+    metrics: bool = False
+    browser: bool = False
+
+
+def routes() -> list[Route]:
+    """Every inbound path relay serves, as the vendors and their SDKs use them."""
+    out = [Route(f"/v1/{t}", type=t) for t in sorted(TYPES)]
+    out += [Route(f"/v1/{s}", type=t, browser=True) for s, t in sorted(_SHORT.items())]
+    out += [Route(f"/sdk/{t}", type=t) for t in sorted(TYPES)]
+    out += [Route(p, batch=True) for p in ("/v1/batch", "/v1/import", "/sdk/batch")]
+    out += [Route(p, batch=True, browser=True) for p in ("/v1/b", "/sdk/b")]
+    out += [Route(p, metrics=True) for p in ("/v1/m", "/sdk/m")]
+    return out
+
+
+def decode(body: bytes) -> Any:
+    """The JSON in `body`, whatever Content-Type claimed; PayloadError 400 otherwise."""
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def oversized(items: list[Any]) -> int | None:
+    """The index of the first item over the per-message limit, or None."""
+    for i, item in enumerate(items):
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+            return i
+    return None
+
+
+def envelope(payload: Any, route: Route) -> tuple[list[Any], dict[str, Any]]:
+    """The raw items of a payload and the request-level fields that apply to all of them."""
+    if not isinstance(payload, dict):
+        raise PayloadError(400, "invalid_payload", "body must be a JSON object")
+    if not route.batch:
+        return [payload], payload
+    items = payload.get("batch")
+    if not isinstance(items, list):
+        raise PayloadError(400, "invalid_batch", "'batch' must be a list of messages")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise PayloadError(400, "invalid_batch", f"batch[{i}] must be a JSON object")
+    return items, payload
+
+
+def message_from(item: dict[str, Any], top: dict[str, Any], route: Route) -> Message:
+    """One item as a message: `type` from a single call's path, batch context merged in."""
+    message = {k: v for k, v in item.items() if k not in _ENVELOPE}
+    if route.type is not None:
+        message["type"] = route.type
+    if route.batch:
+        for key in ("context", "integrations"):
+            shared = top.get(key)
+            if isinstance(shared, dict):
+                own = message.get(key)
+                message[key] = {**shared, **own} if isinstance(own, dict) else dict(shared)
+    return message
+
+
+def invalid_reason(message: Message) -> str | None:
+    """Why the vendor would silently drop `message`, or None when it is acceptable."""
+    kind = message.get("type")
+    if kind not in TYPES:
+        return "invalid_type"
+    if kind == "alias":
+        return None if _present(message, "userId") and _present(message, "previousId") \
+            else "alias_without_ids"
+    if not (_present(message, "userId") or _present(message, "anonymousId")):
+        return "no_user_anon_id"
+    if kind == "track" and not (isinstance(message.get("event"), str) and message["event"]):
+        return "track_without_event"
+    if kind == "group" and not _present(message, "groupId"):
+        return "group_without_group_id"
+    return None
+
+
+def _present(message: Message, key: str) -> bool:
+    value = message.get(key)
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool) and value != ""
+
+
+def user_key(message: Message) -> str:
+    """The id the message's order is kept by: its userId, else its anonymousId."""
+    for key in ("userId", "anonymousId"):
+        if _present(message, key):
+            return str(message[key])
+    return ""
+
+
+def stamp(message: Message, sent_at: Any, received_at: datetime, ip: str | None) -> None:
+    """messageId kept (made when missing), receivedAt set, timestamp corrected for skew."""
+    mid = message.get("messageId")
+    if not isinstance(mid, str) or not mid or len(mid) > MAX_MESSAGE_ID:
+        message["messageId"] = f"relay-{uuid.uuid4()}"
+    message["receivedAt"] = clock.iso(received_at)
+    fixed = clock.corrected(message.get("timestamp"), clock.parse(sent_at), received_at)
+    if fixed is not None:
+        message["timestamp"] = fixed
+    if ip is not None:
+        context = message.get("context")
+        if not isinstance(context, dict):
+            context = message["context"] = {}
+        context.setdefault("ip", ip)
+
+
+def wants_ip(message: Message, route: Route) -> bool:
+    """Whether the vendor would fill `context.ip` from the caller: browsers, or `direct: true`."""
+    context = message.get("context")
+    if not isinstance(context, dict):
+        return route.browser
+    if "ip" in context:
+        return False
+    library = context.get("library")
+    browser_lib = isinstance(library, dict) and library.get("name") == "analytics.js"
+    return route.browser or browser_lib or context.get("direct") is True
+
+
+def write_key(authorization: str | None, payload: Any) -> str:
+    """The SDK's write key: from Basic auth (b64 with or without ':', or raw), else the body."""
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "basic" and value.strip():
+            return _basic_key(value.strip())
+    if isinstance(payload, dict) and isinstance(payload.get("writeKey"), str):
+        return str(payload["writeKey"])
+    return ""
+
+
+def _basic_key(value: str) -> str:
+    try:
+        text = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return value
+    # A raw key may happen to be valid base64; what it decodes to then is not printable text.
+    if not text or not text.isprintable():
+        return value
+    return text.split(":", 1)[0] if ":" in text else text
+
+
+def dumps(message: Message) -> str:
+    """Compact JSON for storage and forwarding; ASCII so stray surrogates cannot break encoding."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+BATCH_PATHS = {"segment": "/v1/batch", "rudderstack": "/v1/batch", "june": "/sdk/batch"}
+
+
+def batch_url(kind: str, base_url: str) -> str:
+    """Where an upstream of `kind` takes batches."""
+    return base_url.rstrip("/") + BATCH_PATHS[kind]
+
+
+def batch_body(kind: str, bodies: list[str], key: str, sent_at: datetime) -> bytes:
+    """A batch request body from stored messages, joined without re-parsing them."""
+    tail = f',"sentAt":"{clock.iso(sent_at)}"'
+    if kind == "segment" and key:
+        tail += f',"writeKey":{json.dumps(key)}'
+    return ('{"batch":[' + ",".join(bodies) + "]" + tail + "}").encode()
+
+
+def batch_headers(key: str) -> dict[str, str]:
+    """Headers for a batch: Basic auth with the key as user and an empty password (§1.2)."""
+    headers = {"Content-Type": "application/json", "User-Agent": "relay/0.1"}
+    if key:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+    return headers

@@ -1,0 +1,28 @@
+"""`remove`: deletes fields at dotted paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relay import paths
+from relay.pipeline import Drop, Message, RuleContext
+from relay.schema import FieldError
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Removes each of `paths` where present; absent paths are left alone."""
+
+    paths: tuple[str, ...]
+    _parts: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for path in self.paths:
+            if not isinstance(path, str) or not path or "" in paths.split(path):
+                raise FieldError("paths", f"each must be a dotted path; got {path!r}")
+        object.__setattr__(self, "_parts", tuple(paths.split(p) for p in self.paths))
+
+    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        for parts in self._parts:
+            paths.delete(message, parts)
+        return message

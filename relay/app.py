@@ -79,8 +79,14 @@ class Relay:
 
 RELAY = web.AppKey("relay", Relay)
 
-# Passed to aiohttp's server: a refused body is not read to its end, the connection just closes.
-SERVER_OPTIONS: dict[str, Any] = {"lingering_time": 0.0, "access_log": None}
+# Passed to aiohttp's server. Its lingering close (the default) stays on: after an early 413 it
+# reads and discards the rest of the body, so the client sees the answer rather than a reset,
+# which every SDK would retry forever.
+SERVER_OPTIONS: dict[str, Any] = {
+    "access_log": None,
+    # relay inflates bodies itself, to bound the size and to answer bad encodings with JSON.
+    "auto_decompress": False,
+}
 
 
 def build(config: Config) -> web.Application:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from relay.protocol import PayloadError, Route
 log = logging.getLogger("relay.ingest")
 
 OK = {"success": True}
+BODY_SECONDS = 30.0
 STORAGE_RETRY_AFTER = "5"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,26 +108,23 @@ class Ingest:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The decompressed body, refused with 413 as soon as it passes the request limit."""
+    """The body, decompressed; 413 as soon as it passes the limit, 408 when it is too slow."""
     limit = protocol.MAX_REQUEST_BYTES
     if request.content_length is not None and request.content_length > limit:
-        raise _unread(request, 413, "request_too_large", f"request body is over {limit} bytes")
+        raise PayloadError(413, "request_too_large", f"request body is over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise _unread(request, 413, "request_too_large",
-                              f"request body is over {limit} bytes once decompressed")
-            chunks.append(chunk)
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadError(413, "request_too_large", f"body is over {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise PayloadError(408, "body_timeout", f"body not read within {BODY_SECONDS}s") from None
     except (HttpProcessingError, RequestPayloadError) as exc:
         detail = str(exc).strip().splitlines()[-1].strip()
-        raise _unread(request, 400, "invalid_body", f"cannot read body: {detail}") from None
-    return b"".join(chunks)
-
-
-def _unread(request: web.Request, status: int, code: str, message: str) -> PayloadError:
-    """The refusal for a body relay stops reading (the server, with `lingering_time=0`, then
-    closes the connection after the answer instead of reading the rest)."""
-    return PayloadError(status, code, message)
+        raise PayloadError(400, "invalid_body", f"cannot read body: {detail}") from None
+    encoding = request.headers.get("Content-Encoding", "")
+    return protocol.decompress(b"".join(chunks), encoding, limit)

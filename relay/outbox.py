@@ -86,6 +86,7 @@ class Outbox:
         self.upstreams = tuple(upstreams)
         self.synchronous = synchronous.upper()
         self.writable = False
+        self.commits = 0
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._ops: list[tuple[list[Statement], asyncio.Future[None]]] = []
@@ -230,6 +231,7 @@ class Outbox:
         if not self.writable:
             log.warning("storage: writable again")
         self.writable = True
+        self.commits += 1
         for _, future in ops:
             if not future.done():
                 future.set_result(None)

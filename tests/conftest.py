@@ -1,0 +1,82 @@
+"""Shared fixtures: a fake vendor, config files, and relay running in-process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from relay import app, config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakes import FakeUpstream  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "wire"
+
+WriteConfig = Callable[..., Path]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """A running fake vendor on a free loopback port."""
+    fake = FakeUpstream()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> WriteConfig:
+    """Writes a relay YAML file under tmp_path from keyword overrides; returns its path."""
+
+    def write(upstreams: list[dict[str, Any]], **overrides: Any) -> Path:
+        data: dict[str, Any] = {
+            "listen": "127.0.0.1:8080",  # TestServer picks its own port
+            "storage": {"path": str(tmp_path / "relay.db"), "synchronous": "normal"},
+            "shutdown_grace_seconds": 1,
+            "upstreams": [
+                {"backoff_initial_seconds": 0.05, "backoff_max_seconds": 0.2,
+                 "pause_seconds": 0.3, "timeout_seconds": 2, **u}
+                for u in upstreams
+            ],
+        }
+        data.update(overrides)
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+class RunningRelay:
+    """relay's Application served on 127.0.0.1, started and stopped like `relay serve` does."""
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.config = cfg
+        self.server = TestServer(app.build(cfg), host="127.0.0.1")
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def relay(self) -> app.Relay:
+        return self.server.app[app.RELAY]  # type: ignore[index]
+
+    async def __aenter__(self) -> RunningRelay:
+        await self.server.start_server(**app.SERVER_OPTIONS)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.close()
+
+
+@pytest.fixture
+def start_relay() -> Callable[[Path], RunningRelay]:
+    """Builds a RunningRelay from a config file; use it as `async with start_relay(path) as r`."""
+    return lambda path: RunningRelay(config.load(str(path)))

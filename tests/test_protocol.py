@@ -1,0 +1,156 @@
+"""The wire format: parsing, write keys, validation, stamping, outbound batches."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from relay import clock, protocol
+from relay.protocol import PayloadError, Route
+
+RECEIVED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+TRACK = Route("/v1/track", type="track")
+BATCH = Route("/v1/batch", batch=True)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "expected"),
+    [
+        (f"Basic {b64('WK1:')}", {}, "WK1"),
+        (f"Basic {b64('WK1')}", {}, "WK1"),
+        ("Basic rawKeyNotBase64!", {}, "rawKeyNotBase64!"),
+        ("Basic abcdabcd", {}, "abcdabcd"),
+        (None, {"writeKey": "BODY"}, "BODY"),
+        ("Bearer token", {"writeKey": "BODY"}, "BODY"),
+        (None, {}, ""),
+    ],
+    ids=["b64-colon", "b64-no-colon", "raw", "raw-that-decodes", "body", "bearer", "none"],
+)
+def test_write_key_forms(header, body, expected):
+    """The write key is read from every Basic form the SDKs use, else from the body."""
+    assert protocol.write_key(header, body) == expected
+
+
+def test_decode_refuses_what_is_not_json():
+    """Invalid JSON, NaN and out-of-range numbers are a 400, never stored."""
+    for body in (b"nope", b'{"a": NaN}', b'{"a": 1e999}', b"\xff\xfe", b"[" * 3000 + b"]" * 3000):
+        with pytest.raises(PayloadError) as info:
+            protocol.decode(body)
+        assert info.value.status == 400
+
+
+def test_envelope_shapes():
+    """A batch needs a list of objects; a single call needs an object."""
+    assert protocol.envelope({"batch": [{"type": "track"}]}, BATCH)[0] == [{"type": "track"}]
+    for payload, route in (([], TRACK), ({"batch": {}}, BATCH), ({"batch": [1]}, BATCH)):
+        with pytest.raises(PayloadError):
+            protocol.envelope(payload, route)
+
+
+def test_batch_context_merges_into_items():
+    """Batch-level context and integrations reach every item; the item's own keys win."""
+    top = {"context": {"app": "a", "ip": "1"}, "integrations": {"All": False}, "writeKey": "K"}
+    item = {"type": "track", "context": {"ip": "2"}, "writeKey": "K", "sentAt": "x"}
+    message = protocol.message_from(item, top, BATCH)
+    assert message["context"] == {"app": "a", "ip": "2"}
+    assert message["integrations"] == {"All": False}
+    assert "writeKey" not in message and "sentAt" not in message
+
+
+def test_single_call_type_comes_from_path():
+    """A single call's type is the route's, whatever the body says."""
+    assert protocol.message_from({"type": "page"}, {}, TRACK)["type"] == "track"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"type": "track", "event": "E", "userId": "u"}, None),
+        ({"type": "track", "event": "E", "anonymousId": "a", "userId": None}, None),
+        ({"type": "track", "event": "E", "userId": 42}, None),
+        ({"type": "track", "event": "E"}, "no_user_anon_id"),
+        ({"type": "track", "event": "E", "userId": "", "anonymousId": None}, "no_user_anon_id"),
+        ({"type": "track", "userId": "u"}, "track_without_event"),
+        ({"type": "track", "userId": "u", "event": 3}, "track_without_event"),
+        ({"type": "group", "userId": "u"}, "group_without_group_id"),
+        ({"type": "alias", "userId": "u"}, "alias_without_ids"),
+        ({"type": "alias", "userId": "u", "previousId": "p"}, None),
+        ({"type": "launch", "userId": "u"}, "invalid_type"),
+    ],
+)
+def test_invalid_reasons(message, reason):
+    """Messages the vendor would silently drop are named with the reason."""
+    assert protocol.invalid_reason(message) == reason
+
+
+def test_stamp_corrects_clock_skew():
+    """A client clock one hour fast moves the timestamp back by that hour (§1.8)."""
+    message = {"timestamp": "2026-11-23T13:00:00.000Z", "messageId": "m1"}
+    protocol.stamp(message, "2026-11-23T13:00:05Z", RECEIVED, None)
+    assert message["timestamp"] == "2026-11-23T11:59:55.000Z"
+    assert message["receivedAt"] == "2026-11-23T12:00:00.000Z"
+    assert message["messageId"] == "m1"
+
+
+def test_stamp_fills_missing_fields():
+    """No timestamp means the receive time; a missing or over-long messageId is replaced."""
+    message: dict = {"messageId": "x" * 101}
+    protocol.stamp(message, None, RECEIVED, "10.0.0.9")
+    assert message["timestamp"] == "2026-11-23T12:00:00.000Z"
+    assert message["messageId"].startswith("relay-") and len(message["messageId"]) <= 100
+    assert message["context"] == {"ip": "10.0.0.9"}
+
+
+def test_stamp_keeps_unparseable_timestamp():
+    """A timestamp relay cannot read is forwarded as sent, for the vendor to judge."""
+    message = {"timestamp": "yesterday"}
+    protocol.stamp(message, "2026-11-23T13:00:05Z", RECEIVED, None)
+    assert message["timestamp"] == "yesterday"
+
+
+def test_wants_ip_only_where_the_vendor_would():
+    """Browser routes, analytics.js and context.direct get the caller's IP; servers do not."""
+    browser = Route("/v1/t", type="track", browser=True)
+    assert protocol.wants_ip({}, browser)
+    assert not protocol.wants_ip({"context": {"ip": "1.2.3.4"}}, browser)
+    assert not protocol.wants_ip({"context": {"library": {"name": "analytics-python"}}}, TRACK)
+    assert protocol.wants_ip({"context": {"library": {"name": "analytics.js"}}}, TRACK)
+    assert protocol.wants_ip({"context": {"direct": True}}, TRACK)
+
+
+def test_batch_body_per_kind():
+    """Segment batches carry writeKey in the body; June and RudderStack batches do not."""
+    sent = datetime(2026, 1, 1, tzinfo=UTC)
+    seg = json.loads(protocol.batch_body("segment", ['{"a":1}', '{"b":2}'], "K", sent))
+    assert seg == {"batch": [{"a": 1}, {"b": 2}], "sentAt": clock.iso(sent), "writeKey": "K"}
+    june = json.loads(protocol.batch_body("june", ['{"a":1}'], "K", sent))
+    assert "writeKey" not in june
+    assert protocol.batch_url("june", "http://h/") == "http://h/sdk/batch"
+    assert protocol.batch_headers("K")["Authorization"] == "Basic " + b64("K:")
+    assert "Authorization" not in protocol.batch_headers("")
+
+
+def test_oversized_finds_the_large_item():
+    """The per-message limit is checked on each item of a batch."""
+    items = [{"a": "x"}, {"a": "x" * protocol.MAX_MESSAGE_BYTES}]
+    assert protocol.oversized(items) == 1
+    assert protocol.oversized(items[:1]) is None
+
+
+def test_routes_cover_the_vendors_paths():
+    """Every Segment, browser and June path is served, metrics paths flagged as such."""
+    paths = {r.path: r for r in protocol.routes()}
+    for p in ("/v1/identify", "/v1/track", "/v1/page", "/v1/screen", "/v1/group", "/v1/alias",
+              "/v1/batch", "/v1/import", "/v1/i", "/v1/t", "/v1/p", "/v1/s", "/v1/g", "/v1/a",
+              "/v1/b", "/sdk/identify", "/sdk/track", "/sdk/page", "/sdk/screen", "/sdk/group",
+              "/sdk/alias", "/sdk/batch", "/sdk/b"):
+        assert p in paths and not paths[p].metrics
+    assert paths["/v1/m"].metrics and paths["/sdk/m"].metrics
+    assert paths["/v1/t"].type == "track" and paths["/v1/t"].browser

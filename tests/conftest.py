@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -10,11 +9,9 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from fakes import FakeUpstream
 
 from relay import app, config
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fakes import FakeUpstream  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "wire"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ class Received:
     headers: dict[str, str]
     body: dict[str, Any]
     status: int
+    at: float = field(default_factory=time.monotonic)  # when it was recorded (monotonic)
+    size: int = 0  # bytes of the (decompressed) request body
 
 
 def free_port() -> int:
@@ -44,7 +47,8 @@ def free_port() -> int:
 class FakeUpstream:
     """Records every batch; answers from `script` (first to last), then `default`.
 
-    `reject` names messageIds answered 400 whenever a batch holds one of them (a poison message).
+    `reject` names messageIds answered 400 whenever a batch holds one of them (a poison message);
+    `reject_reply` is that answer (change it to refuse them with, say, 413).
     """
 
     def __init__(self, port: int | None = None) -> None:
@@ -52,6 +56,7 @@ class FakeUpstream:
         self.script: deque[Reply] = deque()
         self.default = Reply()
         self.reject: set[str] = set()
+        self.reject_reply = Reply(400, '{"code":"invalid","message":"bad message"}')
         self.requests: list[Received] = []
         self._runner: web.AppRunner | None = None
         self._arrived = asyncio.Condition()
@@ -95,13 +100,28 @@ class FakeUpstream:
             ) from None
         return self.accepted()
 
+    async def wait_for_requests(self, count: int, seconds: float = 20.0) -> list[Received]:
+        """Waits until at least `count` requests were answered (any status, resets included)."""
+
+        async def enough() -> None:
+            async with self._arrived:
+                await self._arrived.wait_for(lambda: len(self.requests) >= count)
+
+        try:
+            await asyncio.wait_for(enough(), seconds)
+        except TimeoutError:
+            raise AssertionError(
+                f"fake upstream got {len(self.requests)} of {count} requests in {seconds}s"
+            ) from None
+        return self.requests
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = json.loads(raw) if raw else {}
         reply = self.script.popleft() if self.script else self.default
         ids = {m.get("messageId") for m in body.get("batch", [])}
         if reply.status < 300 and ids & self.reject:
-            reply = Reply(400, '{"code":"invalid","message":"bad message"}')
+            reply = self.reject_reply
         if reply.hang:
             await asyncio.sleep(3600)
         if reply.delay:
@@ -109,13 +129,18 @@ class FakeUpstream:
         if reply.reset:
             assert request.transport is not None
             request.transport.abort()
-            self._record(request, body, 0)
+            self._record(request, body, 0, len(raw))
+            async with self._arrived:
+                self._arrived.notify_all()
             return web.Response()
-        self._record(request, body, reply.status)
+        self._record(request, body, reply.status, len(raw))
         async with self._arrived:
             self._arrived.notify_all()
         return web.Response(status=reply.status, text=reply.body, headers=reply.headers,
                             content_type="application/json")
 
-    def _record(self, request: web.Request, body: dict[str, Any], status: int) -> None:
-        self.requests.append(Received(request.path, dict(request.headers), body, status))
+    def _record(
+        self, request: web.Request, body: dict[str, Any], status: int, size: int = 0
+    ) -> None:
+        self.requests.append(Received(request.path, dict(request.headers), body, status,
+                                      size=size))

@@ -13,7 +13,8 @@ from fakes import FakeUpstream
 
 from relay import app, config
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "wire"
+# Requests captured from the real SDKs (method, path, headers, body), one JSON object a line.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wire"
 
 WriteConfig = Callable[..., Path]
 

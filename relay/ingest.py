@@ -76,7 +76,10 @@ class Ingest:
             if index is not None:
                 raise PayloadError(413, "message_too_large",
                                    f"message {index} is over {protocol.MAX_MESSAGE_BYTES} bytes")
-        entries, counts = await self.process(items, top, route, request.remote)
+        try:
+            entries, counts = await self.process(items, top, route, request.remote)
+        except RecursionError:
+            raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         if counts:
             log.info("ingest: from key %s, not forwarded: %s", mask(key),
                      ", ".join(f"{name}={n}" for name, n in sorted(counts.items())))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -219,7 +218,7 @@ class Outbox:
     async def _commit(self, ops: list[tuple[list[Statement], asyncio.Future[None]]]) -> None:
         try:
             await self._transaction(_merged(s for statements, _ in ops for s in statements))
-        except sqlite3.Error as exc:
+        except Exception as exc:  # whatever it is, the requests waiting on it must not hang
             if self.writable:
                 log.error("storage: cannot commit (%s); answering 503 until it can", exc)
             self.writable = False

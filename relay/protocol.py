@@ -19,6 +19,7 @@ TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_MESSAGE_ID = 100
+MAX_WRITE_KEY = 256
 _SHORT = {t[0]: t for t in TYPES}
 _ENVELOPE = ("writeKey", "sentAt")
 
@@ -165,8 +166,13 @@ def user_key(message: Message) -> str:
     """The id the message's order is kept by: its userId, else its anonymousId."""
     for key in ("userId", "anonymousId"):
         if _present(message, key):
-            return str(message[key])
+            return _text(str(message[key]))
     return ""
+
+
+def _text(value: str) -> str:
+    """`value` storable as UTF-8: JSON allows lone surrogates (`\\ud800`), SQLite does not."""
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def stamp(message: Message, sent_at: Any, received_at: datetime, ip: str | None) -> None:
@@ -199,13 +205,16 @@ def wants_ip(message: Message, route: Route) -> bool:
 
 def write_key(authorization: str | None, payload: Any) -> str:
     """The SDK's write key: from Basic auth (b64 with or without ':', or raw), else the body."""
+    key = ""
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "basic" and value.strip():
-            return _basic_key(value.strip())
-    if isinstance(payload, dict) and isinstance(payload.get("writeKey"), str):
-        return str(payload["writeKey"])
-    return ""
+            key = _basic_key(value.strip())
+    if not key and isinstance(payload, dict) and isinstance(payload.get("writeKey"), str):
+        key = payload["writeKey"]
+    if len(key) > MAX_WRITE_KEY or not key.isprintable() or _text(key) != key:
+        raise PayloadError(400, "invalid_write_key", "the write key is not printable text")
+    return key
 
 
 def _basic_key(value: str) -> str:

@@ -235,3 +235,25 @@ async def test_storage_that_cannot_write_is_503_then_recovers(running, upstream)
     assert [m["messageId"] for m in got] == ["after"]
     async with http.get(relay.url + "/readyz") as resp:
         assert resp.status == 200
+
+
+async def test_lone_surrogates_are_stored_or_refused_never_fatal(running, upstream):
+    """JSON may escape lone surrogates; in ids they are stored, in a write key refused with 400."""
+    relay, http = running
+    body = b'{"userId": "\\ud800u", "event": "E", "messageId": "sur-1"}'
+    assert (await post(http, relay.url + "/v1/track", body))[0] == 200
+    body = b'{"userId": "u", "event": "E", "writeKey": "\\udfff"}'
+    status, answer, _ = await post(http, relay.url + "/v1/track", body)
+    assert status == 400 and answer["code"] == "invalid_write_key"
+    got = await upstream.wait_for(1)
+    assert [m["messageId"] for m in got] == ["sur-1"]
+    assert got[0]["userId"] == "\ud800u"
+
+
+async def test_deep_nesting_is_refused(running):
+    """A payload nested thousands deep is a 400, not a crash."""
+    relay, http = running
+    deep = b'{"userId": "u", "event": "E", "properties": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    status, answer, _ = await post(http, relay.url + "/v1/track", deep)
+    assert status == 400 and answer["code"] in ("invalid_json", "too_deeply_nested")
+    assert stored(relay.config.storage.path) == 0

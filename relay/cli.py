@@ -69,7 +69,10 @@ def _serve(args: argparse.Namespace) -> int:
         web.run_app(app.build(loaded), host=loaded.host, port=loaded.port,
                     print=None, shutdown_timeout=10.0, **app.SERVER_OPTIONS)
     except sqlite3.DatabaseError as exc:
-        print(f"relay: cannot open storage {loaded.storage.path}: {exc}", file=sys.stderr)
+        print(f"relay: cannot open storage {loaded.storage.path}: {exc}\n"
+              "  Nothing was changed. Keep a copy of the file; then either salvage it"
+              " (sqlite3 FILE '.recover' | sqlite3 NEW.db, and point storage.path at NEW.db)"
+              " or move it away to start with an empty queue.", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"relay: cannot listen on {loaded.listen}: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -98,18 +99,28 @@ class Outbox:
         """Opens (creating if needed) the database; raises sqlite3 errors for a bad file."""
         directory = os.path.dirname(os.path.abspath(self.path))  # noqa: ASYNC240 (once, at start)
         os.makedirs(directory, exist_ok=True)
+        try:
+            await self._connect()
+        except BaseException:
+            await self.close()  # aiosqlite's threads would otherwise keep the process alive
+            raise
+        self.writable = True
+        self._task = asyncio.create_task(self._write_loop(), name="outbox-writer")
+        for event in self._signals.values():
+            event.set()  # a backlog from the last run is there to be sent
+
+    async def _connect(self) -> None:
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
         await self._writer.execute("PRAGMA journal_mode=WAL")
         await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
         await self._writer.execute("PRAGMA busy_timeout=5000")
         await self._writer.executescript(SCHEMA)
-        await self._writer.execute("PRAGMA quick_check")
+        async with self._writer.execute("PRAGMA quick_check") as cur:
+            verdict = [str(row[0]) for row in await cur.fetchall()]
+        if verdict != ["ok"]:
+            raise sqlite3.DatabaseError("integrity check failed: " + "; ".join(verdict[:3]))
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
-        self.writable = True
-        self._task = asyncio.create_task(self._write_loop(), name="outbox-writer")
-        for event in self._signals.values():
-            event.set()  # a backlog from the last run is there to be sent
 
     async def close(self) -> None:
         """Commits what is queued, then closes both connections."""

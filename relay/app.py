@@ -15,6 +15,7 @@ from relay.forwarder import Forwarder
 from relay.ingest import Ingest, mask
 from relay.outbox import Outbox
 from relay.pipeline import Pipeline
+from relay.state import SqliteState
 
 log = logging.getLogger("relay")
 
@@ -26,14 +27,20 @@ class Relay:
         self.config = config
         self.outbox = Outbox(config.storage.path, [u.name for u in config.upstreams],
                              config.storage.synchronous)
-        self.pipeline = Pipeline(config.rules)
-        self.ingest = Ingest(config.write_keys, self.pipeline, self.outbox)
+        self.state = SqliteState(config.storage.path, config.storage.cache_size)
+        self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
+                             self.state, self.outbox)
         self.forwarders: list[Forwarder] = []
         self.tasks: list[asyncio.Task[None]] = []
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: storage and forwarders up before serving, down after."""
         await self.outbox.open()
+        try:
+            await self.state.open()
+        except BaseException:
+            await self.outbox.close()
+            raise
         session = aiohttp.ClientSession()
         for upstream in self.config.upstreams:
             forwarder = Forwarder(upstream, self.outbox, session)
@@ -46,6 +53,7 @@ class Relay:
             await self._stop()
             await session.close()
             await self.outbox.close()
+            await self.state.close()
 
     async def _stop(self) -> None:
         grace = self.config.shutdown_grace_seconds

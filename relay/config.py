@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from relay import schema, yamlsource
-from relay.pipeline import Rule, Step
-from relay.rules import REGISTRY
+from relay import ruleset, schema, yamlsource
+from relay.pipeline import Step
 from relay.schema import FieldError
 
 DEFAULT_PATH = "config/relay.yaml"
@@ -36,6 +35,11 @@ class Storage:
 
     path: str = "data/relay.db"
     synchronous: Literal["full", "normal"] = "full"
+    cache_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.cache_size < 1:
+            raise FieldError("cache_size", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,10 @@ class Config:
     storage: Storage = Storage()
     write_keys: tuple[str, ...] = ()
     shutdown_grace_seconds: float = 5.0
+    on_rule_error: Literal["pass", "drop"] = "pass"
     rules: tuple[Step, ...] = dataclasses.field(default=(), metadata={"yaml": False})
     file: str = dataclasses.field(default="", metadata={"yaml": False})
+    warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -120,10 +126,11 @@ def parse(file: str, text: str, env: Mapping[str, str] | None = None) -> Config:
         source.error((), "the config must be a mapping of keys")
     config = schema.build(Config, data, (), source, skip=("rules",))
     _check_upstream_names(config, source)
-    steps = _build_rules(data.get("rules", []), source)
+    steps = ruleset.build(data.get("rules", []), source)
     if source.errors:
         raise ConfigError(source.messages())
-    return dataclasses.replace(config, rules=steps, file=file)
+    notes = ruleset.warnings(steps, source)
+    return dataclasses.replace(config, rules=steps, file=file, warnings=notes)
 
 
 def _check_upstream_names(config: Config, source: yamlsource.Source) -> None:
@@ -132,29 +139,3 @@ def _check_upstream_names(config: Config, source: yamlsource.Source) -> None:
         if upstream.name is not None and upstream.name in seen:
             source.error(("upstreams", i, "name"), f"another upstream is named {upstream.name!r}")
         seen.add(upstream.name)
-
-
-def _build_rules(items: Any, source: yamlsource.Source) -> tuple[Step, ...]:
-    if not isinstance(items, list):
-        source.error(("rules",), "must be a list of rules")
-        return ()
-    steps: list[Step] = []
-    ids: set[str] = set()
-    for i, item in enumerate(items):
-        path: yamlsource.Path = ("rules", i)
-        kind = item.get("type") if isinstance(item, dict) else None
-        if not isinstance(kind, str):
-            source.error(path, "each rule needs a 'type': one of " + ", ".join(sorted(REGISTRY)))
-            continue
-        cls = REGISTRY.get(kind)
-        if cls is None:
-            hint = schema.suggest(kind, REGISTRY)
-            source.error((*path, "type"), f"unknown rule type {kind!r}{hint}")
-            continue
-        rule_id = item.get("id", f"{kind}#{i}")
-        if not isinstance(rule_id, str) or rule_id in ids:
-            source.error((*path, "id"), f"must be a unique string; got {rule_id!r}")
-        ids.add(str(rule_id))
-        rule: Rule = schema.build(cls, item, path, source, skip=("type", "id"))
-        steps.append(Step(id=str(rule_id), rule=rule))
-    return tuple(steps)

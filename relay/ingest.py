@@ -16,6 +16,7 @@ from relay import clock, protocol
 from relay.outbox import Entry, Outbox, StorageError
 from relay.pipeline import Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
+from relay.state import SqliteState
 
 log = logging.getLogger("relay.ingest")
 
@@ -39,9 +40,11 @@ def mask(key: str) -> str:
 class Ingest:
     """Turns SDK requests into stored messages; one handler per route of `protocol.routes()`."""
 
-    def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, outbox: Outbox) -> None:
+    def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, state: SqliteState,
+                 outbox: Outbox) -> None:
         self.write_keys = frozenset(write_keys)
-        self.pipeline = pipeline
+        self.pipeline = pipeline  # replaced whole on reload; a request keeps the one it began with
+        self.state = state
         self.outbox = outbox
 
     def routes(self) -> list[web.RouteDef]:
@@ -80,17 +83,23 @@ class Ingest:
             entries, counts = await self.process(items, top, route, request.remote)
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
-        if counts:
-            log.info("ingest: from key %s, not forwarded: %s", mask(key),
-                     ", ".join(f"{name}={n}" for name, n in sorted(counts.items())))
-        await self.outbox.put(key, entries, counts)
+        invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
+        if invalid:
+            log.info("ingest: from key %s, not forwarded as the vendor would drop them: %s",
+                     mask(key), ", ".join(f"{k[8:]}={n}" for k, n in sorted(invalid.items())))
+        try:
+            await self.outbox.put(key, entries, counts, self.state.drain())
+        except StorageError:
+            self.state.forget()
+            raise
 
     async def process(
         self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None
     ) -> tuple[list[Entry], Counter[str]]:
         """Each item validated, stamped and run through the rules; what is left, serialised."""
         received = clock.now()
-        ctx = RuleContext(route=route.path)
+        ctx = RuleContext(state=self.state, route=route.path)
+        pipeline = self.pipeline
         entries: list[Entry] = []
         counts: Counter[str] = Counter()
         for item in items:
@@ -101,7 +110,9 @@ class Ingest:
                 continue
             ip = remote if protocol.wants_ip(message, route) else None
             protocol.stamp(message, item.get("sentAt", top.get("sentAt")), received, ip)
-            outcome = await self.pipeline.run(message, ctx)
+            outcome = await pipeline.run(message, ctx)
+            for step in outcome.changed_by:
+                counts[f"changed.{step}"] += 1
             if outcome.message is None:
                 counts[f"dropped.{outcome.dropped_by}"] += 1
                 continue

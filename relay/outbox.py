@@ -138,11 +138,18 @@ class Outbox:
         """Set whenever new messages for `upstream` are committed."""
         return self._signals[upstream]
 
-    async def put(self, write_key: str, entries: Sequence[Entry], counts: Counter[str]) -> None:
-        """Commits `entries` into every upstream's queue, and `counts`; returns once durable."""
+    async def put(
+        self,
+        write_key: str,
+        entries: Sequence[Entry],
+        counts: Counter[str],
+        state: Sequence[Statement] = (),
+    ) -> None:
+        """Commits `entries` into every upstream's queue with `counts` and the rules' `state`
+        writes, in one transaction; returns once durable."""
         now = time.time()
         rows = [(u, write_key, e.user_key, e.body, now) for u in self.upstreams for e in entries]
-        await self._submit([(_INSERT, rows), (_COUNT, list(counts.items()))])
+        await self._submit([(_INSERT, rows), (_COUNT, list(counts.items())), *state])
         if rows:
             for event in self._signals.values():
                 event.set()

@@ -1,4 +1,9 @@
-"""Dotted paths (`context.app.name`) into JSON messages."""
+"""Dotted paths (`context.app.name`) into JSON messages.
+
+Rules never change the message they are given: `replaced` and `removed` return a new message that
+shares everything but the objects along the path. So "did this rule change anything?" is an
+identity test, and a rule that fails half-way has changed nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,11 @@ _ABSENT = object()
 def split(path: str) -> tuple[str, ...]:
     """`"context.app.name"` as its parts; empty parts are a caller's error, caught in config."""
     return tuple(path.split("."))
+
+
+def valid(path: Any) -> bool:
+    """Whether `path` is a non-empty dotted path with no empty part."""
+    return isinstance(path, str) and bool(path) and "" not in split(path)
 
 
 def get(message: dict[str, Any], parts: tuple[str, ...], default: Any = None) -> Any:
@@ -24,22 +34,28 @@ def get(message: dict[str, Any], parts: tuple[str, ...], default: Any = None) ->
     return node
 
 
-def put(message: dict[str, Any], parts: tuple[str, ...], value: Any) -> None:
-    """Sets `parts` to `value`, making (or replacing non-object) parents as objects."""
-    node = message
+def replaced(message: dict[str, Any], parts: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """A copy of `message` with `parts` set to `value` (non-object parents become objects)."""
+    out = dict(message)
+    node = out
     for part in parts[:-1]:
         child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
+        child = dict(child) if isinstance(child, dict) else {}
+        node[part] = child
         node = child
     node[parts[-1]] = value
+    return out
 
 
-def delete(message: dict[str, Any], parts: tuple[str, ...]) -> bool:
-    """Removes `parts` if present; True when something was removed."""
-    parent = get(message, parts[:-1]) if len(parts) > 1 else message
-    if isinstance(parent, dict) and parts[-1] in parent:
-        del parent[parts[-1]]
-        return True
-    return False
+def removed(message: dict[str, Any], parts: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `message` without `parts`; `message` itself when there is nothing to remove."""
+    if get(message, parts, _ABSENT) is _ABSENT:
+        return message
+    out = dict(message)
+    node = out
+    for part in parts[:-1]:
+        child = dict(node[part])
+        node[part] = child
+        node = child
+    del node[parts[-1]]
+    return out

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from relay.condition import Condition
+    from relay.state import State
 
 Message = dict[str, Any]
 
@@ -24,55 +27,88 @@ class Drop:
 class RuleContext:
     """What a rule may consult besides the message; state arrives here, never as a global."""
 
+    state: State
     route: str = ""
 
 
 class Rule(Protocol):
-    """The contract every rule meets: a frozen dataclass built once from its YAML options."""
+    """The contract every rule meets: a frozen dataclass built once from its YAML options.
+
+    `apply` never changes the message it is given: it returns that same object when it changes
+    nothing, else a new one (see `relay.paths`), or a Drop.
+    """
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop: ...
 
 
 @dataclass(frozen=True)
 class Step:
-    """One configured rule with its id (`type#index` unless the YAML names it)."""
+    """One configured rule: its id (`type#index` unless the YAML names it) and `when:`."""
 
     id: str
     rule: Rule
+    when: Condition | None = None
+
+
+@dataclass
+class Effect:
+    """What one rule did to one message, for `relay try`."""
+
+    step: str
+    before: Message
+    after: Message | None
+    reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
 class Outcome:
-    """One message after the pipeline: the final message, or the drop, and every rule's effect."""
+    """One message after the pipeline: the final message or the drop, and every rule's effect."""
 
     message: Message | None
     dropped_by: str | None = None
     reason: str | None = None
     changed_by: list[str] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
 
 
 class Pipeline:
     """The rules of one config, applied in YAML order."""
 
-    def __init__(self, steps: Sequence[Step]) -> None:
+    def __init__(self, steps: Sequence[Step], on_error: Literal["pass", "drop"] = "pass") -> None:
         self.steps = tuple(steps)
+        self.on_error = on_error
 
-    async def run(self, message: Message, ctx: RuleContext) -> Outcome:
-        """Every step over `message`; a rule that raises is logged and skipped, never fatal."""
-        outcome = Outcome(message=message)
+    async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
+        """Every step over `message`; a rule that raises is logged, never fatal to ingest."""
+        outcome = Outcome(message=None)
         for step in self.steps:
-            before = copy.deepcopy(message)
+            if step.when is not None and not step.when.matches(message):
+                continue
             try:
                 result = await step.rule.apply(message, ctx)
-            except Exception:
-                log.exception("rule %s failed; message %s passed on unchanged", step.id,
-                              before.get("messageId"))
-                message = before
+            except Exception as exc:
+                log.exception("rule %s failed on message %s; on_rule_error: %s", step.id,
+                              message.get("messageId"), self.on_error)
+                if trace:
+                    outcome.effects.append(Effect(step.id, message, message, error=repr(exc)))
+                if self.on_error == "drop":
+                    return _dropped(outcome, step.id, "rule_error")
                 continue
             if isinstance(result, Drop):
-                return Outcome(None, step.id, result.reason, outcome.changed_by)
-            if result != before:
+                if trace:
+                    outcome.effects.append(Effect(step.id, message, None, result.reason))
+                return _dropped(outcome, step.id, result.reason)
+            if result is not message:
                 outcome.changed_by.append(step.id)
+                if trace:
+                    outcome.effects.append(Effect(step.id, message, result))
             message = result
         outcome.message = message
         return outcome
+
+
+def _dropped(outcome: Outcome, step: str, reason: str) -> Outcome:
+    outcome.dropped_by = step
+    outcome.reason = reason
+    return outcome

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from relay.yamlsource import Path, Source
@@ -33,14 +34,15 @@ def build(cls: type[T], value: Any, path: Path, source: Source, skip: tuple[str,
     """`value` (a mapping) as a `cls`; on any error it is recorded and a best effort returned.
 
     Keys named in `skip` are accepted and left for the caller (a rule's `type`, say); fields
-    with `metadata={"yaml": False}` are not read from YAML at all.
+    with `metadata={"yaml": False}` are not read from YAML at all, and `metadata={"key": "from"}`
+    reads a field from a YAML key that is no Python name.
     """
     if not isinstance(value, dict):
         source.error(path, f"must be a mapping, got {_kind(value)}")
         value = {}
     hints = typing.get_type_hints(cls)
     fields = {
-        f.name: f
+        f.metadata.get("key", f.name): f
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         if f.init and f.metadata.get("yaml", True)
     }
@@ -49,11 +51,11 @@ def build(cls: type[T], value: Any, path: Path, source: Source, skip: tuple[str,
     for key in value:
         if key not in fields and key not in skip:
             source.error((*path, key), "unknown key" + suggest(key, fields))
-    for name, spec in fields.items():
-        if name in value:
-            kwargs[name] = convert(hints[name], value[name], (*path, name), source)
+    for key, spec in fields.items():
+        if key in value:
+            kwargs[spec.name] = convert(hints[spec.name], value[key], (*path, key), source)
         elif _default(spec) is _MISSING:
-            source.error(path, f"missing required key '{name}'")
+            source.error(path, f"missing required key '{key}'")
     if len(source.errors) > errors_before:
         return _placeholder(cls, kwargs)
     return _construct(cls, kwargs, path, source)
@@ -74,6 +76,11 @@ def convert(hint: Any, value: Any, path: Path, source: Source) -> Any:
             hint_text = suggest(str(value), [str(a) for a in args])
             source.error(path, f"must be one of {shown}; got {value!r}{hint_text}")
         return value
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            source.error(path, f"must be a mapping, got {_kind(value)}")
+            return {}
+        return {str(k): convert(args[1], v, (*path, str(k)), source) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list):
             source.error(path, f"must be a list, got {_kind(value)}")

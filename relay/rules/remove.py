@@ -17,12 +17,14 @@ class Remove:
     _parts: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not self.paths:
+            raise FieldError("paths", "must list at least one dotted path")
         for path in self.paths:
-            if not isinstance(path, str) or not path or "" in paths.split(path):
+            if not paths.valid(path):
                 raise FieldError("paths", f"each must be a dotted path; got {path!r}")
         object.__setattr__(self, "_parts", tuple(paths.split(p) for p in self.paths))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
-            paths.delete(message, parts)
+            message = paths.removed(message, parts)
         return message

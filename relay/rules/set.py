@@ -19,10 +19,14 @@ class SetField:
     _parts: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.path or "" in paths.split(self.path):
+        if not paths.valid(self.path):
             raise FieldError("path", f"must be a dotted path like a.b.c; got {self.path!r}")
         object.__setattr__(self, "_parts", paths.split(self.path))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        paths.put(message, self._parts, self.value)
-        return message
+        if paths.get(message, self._parts, _UNSET) == self.value:
+            return message
+        return paths.replaced(message, self._parts, self.value)
+
+
+_UNSET = object()

@@ -1,0 +1,17 @@
+"""`drop`: drops the messages its `when:` matches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.pipeline import Drop, Message, RuleContext
+
+
+@dataclass(frozen=True)
+class DropMatching:
+    """Drops every message it is applied to; its `when:` (required) says which."""
+
+    needs_when = True
+
+    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        return Drop("matched")

@@ -1,0 +1,85 @@
+"""`drop_internal_users`: drop staff traffic, remembered across events, except in own groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relay import identity
+from relay.pipeline import Drop, Message, RuleContext
+from relay.rules.one_group_per_user import current_group
+from relay.schema import FieldError
+from relay.state import State
+
+
+@dataclass(frozen=True)
+class DropInternalUsers:
+    """A user is internal when listed in `user_ids` or seen with an email at one of
+    `email_domains` (or a subdomain); the verdict is remembered for their userId and linked
+    anonymousIds. Their messages are dropped unless they act in one of `own_groups`."""
+
+    email_domains: tuple[str, ...] = ()
+    user_ids: tuple[str, ...] = ()
+    own_groups: tuple[str, ...] = ()
+    _domains: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        domains = tuple(d.strip().lstrip("@").lower() for d in self.email_domains)
+        for domain in domains:
+            if not domain or "@" in domain or " " in domain or domain.startswith("."):
+                raise FieldError("email_domains", f"{domain!r} is not a domain like example.com")
+        if not domains and not self.user_ids:
+            raise FieldError("email_domains", "give email_domains or user_ids (or both)")
+        object.__setattr__(self, "_domains", domains)
+
+    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        refs = identity.refs(message)
+        if not refs:
+            return message
+        await self._link(message, ctx.state)
+        reason = self._verdict(message)
+        if reason is not None:
+            await ctx.state.mark_internal(refs, reason)
+        elif not await _any_internal(refs, ctx.state):
+            return message
+        group = await _acting_group(message, ctx.state)
+        if group is not None and group in self.own_groups:
+            return message
+        return Drop("internal_user")
+
+    def _verdict(self, message: Message) -> str | None:
+        """Why this message alone shows its user is internal, or None."""
+        user_id = identity.text_id(message.get("userId"))
+        if user_id is not None and user_id in self.user_ids:
+            return "user_id"
+        for email in identity.emails(message):
+            domain = email.rsplit("@", 1)[1].strip().lower()
+            if any(domain == d or domain.endswith("." + d) for d in self._domains):
+                return "email_domain"
+        return None
+
+    async def _link(self, message: Message, state: State) -> None:
+        kind = message.get("type")
+        user_id = identity.text_id(message.get("userId"))
+        links = {"identify": "anonymousId", "alias": "previousId"}
+        other = identity.text_id(message.get(links[kind])) if kind in links else None
+        if user_id is not None and other is not None:
+            await state.link(other, user_id)
+
+
+async def _any_internal(refs: list[str], state: State) -> bool:
+    for ref in refs:
+        if await state.is_internal(ref):
+            return True
+    return False
+
+
+async def _acting_group(message: Message, state: State) -> str | None:
+    """The group the message acts in: a group call's groupId, context.groupId, else current."""
+    if message.get("type") == "group":
+        return identity.text_id(message.get("groupId"))
+    context = message.get("context")
+    if isinstance(context, dict):
+        explicit = identity.text_id(context.get("groupId"))
+        if explicit is not None:
+            return explicit
+    return await current_group(message, state)

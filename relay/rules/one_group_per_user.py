@@ -1,0 +1,77 @@
+"""`one_group_per_user`: remember each user's current group and put it on their events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay import identity
+from relay.pipeline import Drop, Message, RuleContext
+from relay.protocol import TYPES
+from relay.schema import FieldError
+from relay.state import State, anon_ref, user_ref
+
+
+@dataclass(frozen=True)
+class OneGroupPerUser:
+    """A group call sets the user's current group (the latest event time wins); messages of the
+    types in `inject_into` without `context.groupId` get it; alias carries it to the new id."""
+
+    inject_into: tuple[str, ...] = ("track", "page", "screen")
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.inject_into if t not in TYPES - {"group", "alias"}]
+        if unknown:
+            raise FieldError("inject_into", f"{unknown[0]!r} is not one of identify, track, "
+                                            "page, screen")
+
+    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        kind = message.get("type")
+        if kind == "group":
+            await self._remember(message, ctx.state)
+            return message
+        if kind == "alias":
+            await self._carry(message, ctx.state)
+            return message
+        if kind not in self.inject_into:
+            return message
+        context = message.get("context")
+        if isinstance(context, dict) and identity.text_id(context.get("groupId")) is not None:
+            return message
+        ref = identity.primary_ref(message)
+        if kind == "track" and ref is not None:
+            ctx.state.note_ungrouped_track(ref)
+        group = await current_group(message, ctx.state)
+        if group is None:
+            return message
+        return {**message, "context": {**(context if isinstance(context, dict) else {}),
+                                       "groupId": group}}
+
+    async def _remember(self, message: Message, state: State) -> None:
+        ref = identity.primary_ref(message)
+        group_id = identity.text_id(message.get("groupId"))
+        if ref is None or group_id is None:
+            return
+        await state.set_group(ref, group_id, identity.event_time(message))
+        state.note_member(ref, group_id)
+
+    async def _carry(self, message: Message, state: State) -> None:
+        user_id = identity.text_id(message.get("userId"))
+        previous = identity.text_id(message.get("previousId"))
+        if user_id is None or previous is None or await state.group(user_ref(user_id)):
+            return
+        for ref in (user_ref(previous), anon_ref(previous)):
+            membership = await state.group(ref)
+            if membership is not None:
+                await state.set_group(user_ref(user_id), membership.group_id, membership.at)
+                return
+
+
+async def current_group(message: Message, state: State) -> str | None:
+    """The group the message's user is in now: by userId, else by anonymousId."""
+    for key, make in (("userId", user_ref), ("anonymousId", anon_ref)):
+        value = identity.text_id(message.get(key))
+        if value is not None:
+            membership = await state.group(make(value))
+            if membership is not None:
+                return membership.group_id
+    return None

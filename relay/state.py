@@ -1,0 +1,233 @@
+"""What rules remember about users: current group, internal verdicts, anonymousId links.
+
+A small interface (`State`), so that several relays can later share it in another store. The
+SQLite implementation keeps a bounded in-memory cache in front of the database: a known user
+costs no database round trip, and writes ride in the outbox's next group commit, with the
+messages that caused them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import aiosqlite
+
+from relay import clock
+
+Statement = tuple[str, list[tuple[Any, ...]]]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS user_groups (ref TEXT PRIMARY KEY, group_id TEXT NOT NULL,
+    at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS internal_users (ref TEXT PRIMARY KEY, reason TEXT NOT NULL,
+    first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS id_links (anonymous_id TEXT PRIMARY KEY, user_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS id_links_by_user ON id_links (user_id);
+CREATE TABLE IF NOT EXISTS group_members (ref TEXT NOT NULL, group_id TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, PRIMARY KEY (ref, group_id));
+CREATE TABLE IF NOT EXISTS ungrouped_tracks (ref TEXT PRIMARY KEY, count INTEGER NOT NULL);
+"""
+
+_SET_GROUP = ("INSERT INTO user_groups (ref, group_id, at) VALUES (?, ?, ?) ON CONFLICT(ref)"
+              " DO UPDATE SET group_id = excluded.group_id, at = excluded.at")
+_INTERNAL = "INSERT OR IGNORE INTO internal_users (ref, reason, first_seen) VALUES (?, ?, ?)"
+_LINK = "INSERT OR REPLACE INTO id_links (anonymous_id, user_id) VALUES (?, ?)"
+_MEMBER = ("INSERT INTO group_members (ref, group_id, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+           " ON CONFLICT(ref, group_id) DO UPDATE SET last_seen = excluded.last_seen")
+_UNGROUPED = ("INSERT INTO ungrouped_tracks (ref, count) VALUES (?, ?) ON CONFLICT(ref)"
+              " DO UPDATE SET count = count + excluded.count")
+
+
+def user_ref(user_id: str) -> str:
+    return f"u:{user_id}"
+
+
+def anon_ref(anonymous_id: str) -> str:
+    return f"a:{anonymous_id}"
+
+
+@dataclass(frozen=True)
+class Membership:
+    """A user's current group, and the event time that made it current."""
+
+    group_id: str
+    at: str
+
+
+class State(Protocol):
+    """The state rules may read and change; refs are `u:<userId>` or `a:<anonymousId>`."""
+
+    async def group(self, ref: str) -> Membership | None: ...
+
+    async def set_group(self, ref: str, group_id: str, at: str) -> bool: ...
+
+    async def is_internal(self, ref: str) -> bool: ...
+
+    async def mark_internal(self, refs: Iterable[str], reason: str) -> None: ...
+
+    async def link(self, anonymous_id: str, user_id: str) -> None: ...
+
+    def note_member(self, ref: str, group_id: str) -> None: ...
+
+    def note_ungrouped_track(self, ref: str) -> None: ...
+
+
+class Cache(OrderedDict[str, Any]):
+    """A least-recently-used mapping of at most `size` entries."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def remember(self, key: str, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class SqliteState:
+    """State in the relay database; `dry` keeps every change in memory only (for `relay try`)."""
+
+    def __init__(self, path: str, cache_size: int = 100_000, dry: bool = False) -> None:
+        self.path = path
+        self.dry = dry
+        self._conn: aiosqlite.Connection | None = None
+        self._groups = Cache(cache_size)
+        self._internal = Cache(cache_size)
+        self._links = Cache(cache_size)
+        self._members = Cache(cache_size)
+        self._pending: list[Statement] = []
+        self._ungrouped: Counter[str] = Counter()
+
+    async def open(self) -> None:
+        """Connects (read-only when dry; a dry state over no file starts empty)."""
+        if self.dry:
+            if os.path.exists(self.path):  # noqa: ASYNC240 (once, before any request)
+                uri = f"file:{self.path}?mode=ro"
+                self._conn = await aiosqlite.connect(uri, uri=True)
+                if not await self._has_tables():
+                    await self.close()
+            return
+        self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._conn.execute("PRAGMA busy_timeout=5000")
+        await self._conn.executescript(SCHEMA)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    def drain(self) -> list[Statement]:
+        """The writes made since the last drain, for the outbox to commit with the messages."""
+        if self._ungrouped:
+            self._pending.append((_UNGROUPED, list(self._ungrouped.items())))
+            self._ungrouped.clear()
+        pending, self._pending = self._pending, []
+        return [] if self.dry else pending
+
+    def forget(self) -> None:
+        """Drops the cache, after a commit failed, so what it says matches the database."""
+        for cache in (self._groups, self._internal, self._links, self._members):
+            cache.clear()
+
+    async def group(self, ref: str) -> Membership | None:
+        if ref in self._groups:
+            self._groups.move_to_end(ref)
+            return cast("Membership | None", self._groups[ref])
+        row = await self._one("SELECT group_id, at FROM user_groups WHERE ref = ?", ref)
+        found = Membership(row[0], row[1]) if row else None
+        self._groups.remember(ref, found)
+        return found
+
+    async def set_group(self, ref: str, group_id: str, at: str) -> bool:
+        """Makes `group_id` current unless a later event already chose another; True if set."""
+        current = await self.group(ref)
+        if current is not None and _later(current.at, at):
+            return False
+        if current != Membership(group_id, at):
+            self._groups.remember(ref, Membership(group_id, at))
+            self._pending.append((_SET_GROUP, [(ref, group_id, at)]))
+        return True
+
+    async def is_internal(self, ref: str) -> bool:
+        if ref in self._internal:
+            self._internal.move_to_end(ref)
+            return bool(self._internal[ref])
+        row = await self._one("SELECT 1 FROM internal_users WHERE ref = ?", ref)
+        return bool(self._internal.remember(ref, row is not None))
+
+    async def mark_internal(self, refs: Iterable[str], reason: str) -> None:
+        """Marks `refs`, and every anonymousId linked to a marked userId, internal."""
+        for ref in list(refs):
+            if await self.is_internal(ref):
+                continue
+            self._mark(ref, reason)
+            for linked in await self._linked_anonymous(ref):
+                if not await self.is_internal(linked):
+                    self._mark(linked, reason)
+
+    def _mark(self, ref: str, reason: str) -> None:
+        self._internal.remember(ref, True)
+        self._pending.append((_INTERNAL, [(ref, reason, time.time())]))
+
+    async def link(self, anonymous_id: str, user_id: str) -> None:
+        """Ties an anonymousId to a userId; an internal verdict on either covers both."""
+        if self._links.get(anonymous_id) != user_id:
+            self._links.remember(anonymous_id, user_id)
+            self._pending.append((_LINK, [(anonymous_id, user_id)]))
+        refs = [anon_ref(anonymous_id), user_ref(user_id)]
+        for ref in refs:
+            if await self.is_internal(ref):
+                await self.mark_internal(refs, "linked")
+                return
+
+    def note_member(self, ref: str, group_id: str) -> None:
+        """Records that `ref` was seen in `group_id` (for `relay report`)."""
+        key = f"{ref}\n{group_id}"
+        now = time.time()
+        if key not in self._members or now - self._members[key] > 60:
+            self._members.remember(key, now)
+            self._pending.append((_MEMBER, [(ref, group_id, now, now)]))
+
+    def note_ungrouped_track(self, ref: str) -> None:
+        """Counts a track call that came without a group (for `relay report`)."""
+        self._ungrouped[ref] += 1
+
+    async def _linked_anonymous(self, ref: str) -> list[str]:
+        if not ref.startswith("u:"):
+            return []
+        user_id = ref[2:]
+        # Links made since the last commit are still in `_pending`, not yet in the database.
+        found = {anon_ref(row[0]) for sql, rows in self._pending if sql == _LINK
+                 for row in rows if row[1] == user_id}
+        if self._conn is not None:
+            sql = "SELECT anonymous_id FROM id_links WHERE user_id = ?"
+            async with self._conn.execute(sql, (user_id,)) as cur:
+                found.update(anon_ref(row[0]) for row in await cur.fetchall())
+        return sorted(found)
+
+    async def _one(self, sql: str, ref: str) -> Any:
+        if self._conn is None:
+            return None
+        async with self._conn.execute(sql, (ref,)) as cur:
+            return await cur.fetchone()
+
+    async def _has_tables(self) -> bool:
+        assert self._conn is not None
+        sql = "SELECT count(*) FROM sqlite_master WHERE name = 'user_groups'"
+        async with self._conn.execute(sql) as cur:
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+
+def _later(current: str, candidate: str) -> bool:
+    """Whether the event time `current` is after `candidate` (unreadable times never win)."""
+    a, b = clock.parse(current), clock.parse(candidate)
+    return a is not None and b is not None and a > b

@@ -15,6 +15,7 @@ from relay.forwarder import Forwarder
 from relay.ingest import Ingest, mask
 from relay.outbox import Outbox
 from relay.pipeline import Pipeline
+from relay.reloader import Reloader
 from relay.state import SqliteState
 
 log = logging.getLogger("relay")
@@ -46,6 +47,9 @@ class Relay:
             forwarder = Forwarder(upstream, self.outbox, session)
             self.forwarders.append(forwarder)
             self.tasks.append(asyncio.create_task(forwarder.run(), name=f"forward-{upstream.name}"))
+        if self.config.file:
+            reloader = Reloader(self.config.file, self.config, self.apply)
+            self.tasks.append(asyncio.create_task(reloader.run(), name="reload"))
         self._log_start()
         try:
             yield
@@ -59,6 +63,8 @@ class Relay:
         grace = self.config.shutdown_grace_seconds
         for forwarder in self.forwarders:
             forwarder.stop(grace)
+        for task in self.tasks[len(self.forwarders):]:
+            task.cancel()  # the reloader: nothing to finish
         _, late = await asyncio.wait(self.tasks, timeout=grace + 1.0) if self.tasks else ((), ())
         for task in late:
             task.cancel()
@@ -68,6 +74,11 @@ class Relay:
             if left:
                 log.info("stopped: %d message(s) for %s kept for the next start", left,
                          forwarder.upstream.name)
+
+    def apply(self, config: Config) -> None:
+        """Takes the rules and write keys of a reloaded config; the next message uses them."""
+        self.ingest.pipeline = Pipeline(config.rules, config.on_rule_error)
+        self.ingest.write_keys = frozenset(config.write_keys)
 
     def ready(self) -> dict[str, bool]:
         """What /readyz checks: storage writable, every forwarder running."""
@@ -83,6 +94,8 @@ class Relay:
         )
         log.info("relay: listening on %s; storage %s; write keys %s; %d rule(s); upstreams: %s",
                  config.listen, config.storage.path, keys, len(config.rules), ups)
+        for note in config.warnings:
+            log.warning("%s", note)
 
 
 RELAY = web.AppKey("relay", Relay)

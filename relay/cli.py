@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -11,7 +13,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from relay import app, config
+from relay import app, config, report, trial
+from relay.protocol import PayloadError
 
 EXIT_CONFIG = 2
 
@@ -31,14 +34,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     default = os.environ.get("RELAY_CONFIG", config.DEFAULT_PATH)
+    commands = {}
     for name, func, text in (
         ("serve", _serve, "run relay: accept, store and forward messages"),
         ("check", _check, "validate a config file and exit"),
+        ("try", _try, "show what the rules do to a payload; stores, sends and remembers nothing"),
+        ("report", _report, "users in several groups, internal users seen, rule counts"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("--config", default=default,
                          help=f"config file (default: $RELAY_CONFIG or {config.DEFAULT_PATH})")
         cmd.set_defaults(func=func)
+        commands[name] = cmd
+    commands["try"].add_argument("file", nargs="?", default="-",
+                                 help="a payload as an SDK sends it (default: - for stdin)")
+    commands["try"].add_argument("--route", help="the path it is sent to, e.g. /v1/t (default:"
+                                 " /v1/batch for a batch, else /v1/<type>)")
+    commands["report"].add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -55,7 +67,43 @@ def _check(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_CONFIG
+    _check_notes(loaded)
     print(f"{args.config}: ok ({len(loaded.upstreams)} upstream(s), {len(loaded.rules)} rule(s))")
+    return 0
+
+
+def _check_notes(loaded: config.Config) -> None:
+    for note in loaded.warnings:
+        print(note, file=sys.stderr)
+
+
+def _try(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    try:
+        if args.file == "-":
+            body = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as fh:
+                body = fh.read()
+        lines = asyncio.run(trial.run(loaded, body, args.route))
+    except OSError as exc:
+        print(f"relay try: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except PayloadError as exc:
+        print(f"relay try: {exc.message}", file=sys.stderr)
+        return 1
+    print("\n".join(lines).rstrip())
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    built = asyncio.run(report.build(loaded.storage.path))
+    print(json.dumps(built, indent=2) if args.json else "\n".join(report.text(built)))
     return 0
 
 

@@ -1,0 +1,79 @@
+"""Hot reload: on SIGHUP or a change of the config file, new rules replace the old between
+messages; an invalid file keeps the running ones. State is untouched by a reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from relay import config
+from relay.config import Config
+
+log = logging.getLogger("relay.reload")
+
+Apply = Callable[[Config], None]
+
+
+class Reloader:
+    """Watches `path` (polling every `interval` seconds) and listens for SIGHUP."""
+
+    def __init__(self, path: str, current: Config, apply: Apply, interval: float = 1.0) -> None:
+        self.path = path
+        self.current = current
+        self.apply = apply
+        self.interval = interval
+        self._seen = _stamp(path)
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Until cancelled: reload whenever the file changes or SIGHUP arrives."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._wake.set)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+                asked = self._wake.is_set()
+                self._wake.clear()
+                stamp = _stamp(self.path)
+                if asked or stamp != self._seen:
+                    self._seen = stamp
+                    self.reload("SIGHUP" if asked else "file changed")
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
+
+    def reload(self, why: str) -> bool:
+        """Loads the file again and applies it if valid; True when applied."""
+        try:
+            new = config.load(self.path)
+        except config.ConfigError as exc:
+            log.error("reload (%s): config has %d error(s); the running rules stay",
+                      why, len(exc.errors))
+            for line in exc.errors:
+                log.error("reload: %s", line)
+            return False
+        for note in new.warnings:
+            log.warning("reload: %s", note)
+        fixed = [name for name in ("listen", "storage", "upstreams", "shutdown_grace_seconds")
+                 if getattr(new, name) != getattr(self.current, name)]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart, the rest is applied now",
+                        ", ".join(fixed))
+        self.apply(new)
+        self.current = new
+        log.info("reload (%s): %d rule(s) in force", why, len(new.rules))
+        return True
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size)

@@ -67,6 +67,7 @@ class Forwarder:
         """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
         self._deadline = time.monotonic() + grace_seconds
         self._stop.set()
+        self.outbox.signal(self.upstream.name).set()  # wake an idle loop to notice at once
 
     async def run(self) -> None:
         """The delivery loop; returns after `stop` once the queue is empty or the grace is over."""

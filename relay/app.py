@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -110,9 +110,12 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def build(config: Config) -> web.Application:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build(config: Config, middlewares: Sequence[Any] = ()) -> web.Application:
     """The Application for `config`; storage opens when it starts."""
-    app = web.Application()
+    app = web.Application(middlewares=middlewares)
     relay = Relay(config)
     app[RELAY] = relay
     app.cleanup_ctx.append(relay.lifecycle)

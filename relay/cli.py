@@ -11,9 +11,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from relay import app, config, report, trial
+from relay import config, report, server, trial
 from relay.protocol import PayloadError
 
 EXIT_CONFIG = 2
@@ -114,8 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
-        web.run_app(app.build(loaded), host=loaded.host, port=loaded.port,
-                    print=None, shutdown_timeout=10.0, **app.SERVER_OPTIONS)
+        asyncio.run(server.serve(loaded))
     except sqlite3.DatabaseError as exc:
         print(f"relay: cannot open storage {loaded.storage.path}: {exc}\n"
               "  Nothing was changed. Keep a copy of the file; then either salvage it"

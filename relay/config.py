@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -29,47 +29,60 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+def _check(test: Callable[[Any], bool], message: str) -> dict[str, Any]:
+    """Field metadata: `message` is the error when `test(value)` is false."""
+    return {"check": lambda value: None if test(value) else message}
+
+
+def _default(value: Any, test: Callable[[Any], bool], message: str) -> Any:
+    return dataclasses.field(default=value, metadata=_check(test, message))
+
+
+def _positive(value: float) -> Any:
+    return _default(value, lambda v: v > 0, "must be greater than 0")
+
+
+def _listen_ok(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _url_ok(value: str) -> bool:
+    url = urlsplit(value)
+    return url.scheme in ("http", "https") and bool(url.hostname)
+
+
 @dataclass(frozen=True)
 class Storage:
     """Where the outbox and user state live."""
 
-    path: str = "data/relay.db"
+    path: str = _default("data/relay.db", bool, "must name a file")
     synchronous: Literal["full", "normal"] = "full"
-    cache_size: int = 100_000
-
-    def __post_init__(self) -> None:
-        if self.cache_size < 1:
-            raise FieldError("cache_size", "must be at least 1")
+    cache_size: int = _default(100_000, lambda v: v >= 1, "must be at least 1")
 
 
 @dataclass(frozen=True)
 class Upstream:
     """One vendor that receives every accepted message, through its own queue."""
 
-    name: str
+    name: str = dataclasses.field(metadata=_check(
+        lambda v: re.fullmatch(r"[A-Za-z0-9_.-]+", v) is not None,
+        "must be letters, digits, '.', '_' or '-'"))
     kind: Kind
-    url: str
+    url: str = dataclasses.field(metadata=_check(
+        _url_ok, "must be an http:// or https:// URL, like https://api.segment.io"))
     write_key: str = ""
-    timeout_seconds: float = 10.0
-    max_batch_messages: int = 500
-    max_batch_bytes: int = MAX_BATCH_BYTES
-    backoff_initial_seconds: float = 0.5
-    backoff_max_seconds: float = 60.0
-    pause_seconds: float = 60.0
+    timeout_seconds: float = _positive(10.0)
+    max_batch_messages: int = _default(
+        500, lambda v: 1 <= v <= MAX_BATCH_MESSAGES, f"must be from 1 to {MAX_BATCH_MESSAGES}")
+    max_batch_bytes: int = _default(
+        MAX_BATCH_BYTES, lambda v: 1024 <= v <= MAX_BATCH_BYTES,
+        f"must be from 1024 to {MAX_BATCH_BYTES}")
+    backoff_initial_seconds: float = _positive(0.5)
+    backoff_max_seconds: float = _positive(60.0)
+    pause_seconds: float = _positive(60.0)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
-            raise FieldError("name", "must be letters, digits, '.', '_' or '-'")
-        url = urlsplit(self.url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise FieldError("url", f"must be an http:// or https:// URL; got {self.url!r}")
-        if not 1 <= self.max_batch_messages <= MAX_BATCH_MESSAGES:
-            raise FieldError("max_batch_messages", f"must be from 1 to {MAX_BATCH_MESSAGES}")
-        if not 1024 <= self.max_batch_bytes <= MAX_BATCH_BYTES:
-            raise FieldError("max_batch_bytes", f"must be from 1024 to {MAX_BATCH_BYTES}")
-        for name in ("timeout_seconds", "backoff_initial_seconds", "pause_seconds"):
-            if getattr(self, name) <= 0:
-                raise FieldError(name, "must be greater than 0")
         if self.backoff_max_seconds < self.backoff_initial_seconds:
             raise FieldError("backoff_max_seconds", "must be at least backoff_initial_seconds")
 
@@ -78,24 +91,16 @@ class Upstream:
 class Config:
     """Everything `relay serve` runs with."""
 
-    upstreams: tuple[Upstream, ...]
-    listen: str = "0.0.0.0:8080"
+    upstreams: tuple[Upstream, ...] = dataclasses.field(
+        metadata=_check(bool, "must name at least one upstream"))
+    listen: str = _default("0.0.0.0:8080", _listen_ok, "must be host:port, like 0.0.0.0:8080")
     storage: Storage = Storage()
     write_keys: tuple[str, ...] = ()
-    shutdown_grace_seconds: float = 5.0
+    shutdown_grace_seconds: float = _default(5.0, lambda v: v >= 0, "must be 0 or more")
     on_rule_error: Literal["pass", "drop"] = "pass"
     rules: tuple[Step, ...] = dataclasses.field(default=(), metadata={"yaml": False})
     file: str = dataclasses.field(default="", metadata={"yaml": False})
     warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})
-
-    def __post_init__(self) -> None:
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise FieldError("listen", f"must be host:port, like 0.0.0.0:8080; got {self.listen!r}")
-        if not self.upstreams:
-            raise FieldError("upstreams", "must name at least one upstream")
-        if self.shutdown_grace_seconds < 0:
-            raise FieldError("shutdown_grace_seconds", "must be 0 or more")
 
     @property
     def host(self) -> str:

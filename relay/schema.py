@@ -34,8 +34,10 @@ def build(cls: type[T], value: Any, path: Path, source: Source, skip: tuple[str,
     """`value` (a mapping) as a `cls`; on any error it is recorded and a best effort returned.
 
     Keys named in `skip` are accepted and left for the caller (a rule's `type`, say); fields
-    with `metadata={"yaml": False}` are not read from YAML at all, and `metadata={"key": "from"}`
-    reads a field from a YAML key that is no Python name.
+    with `metadata={"yaml": False}` are not read from YAML at all, `metadata={"key": "from"}`
+    reads a field from a YAML key that is no Python name, and `metadata={"check": f}` runs
+    `f(value)` on a well-typed value: a string it returns is that field's error. Checks run per
+    field, so one file reports them all at once; `__post_init__` is for checks across fields.
     """
     if not isinstance(value, dict):
         source.error(path, f"must be a mapping, got {_kind(value)}")
@@ -53,7 +55,14 @@ def build(cls: type[T], value: Any, path: Path, source: Source, skip: tuple[str,
             source.error((*path, key), "unknown key" + suggest(key, fields))
     for key, spec in fields.items():
         if key in value:
+            before = len(source.errors)
             kwargs[spec.name] = convert(hints[spec.name], value[key], (*path, key), source)
+            check = spec.metadata.get("check")
+            problem = check(kwargs[spec.name]) if check and len(source.errors) == before else None
+            if problem:
+                shown = kwargs[spec.name]
+                got = f"; got {shown!r}" if isinstance(shown, (str, int, float)) else ""
+                source.error((*path, key), problem + got)
         elif _default(spec) is _MISSING:
             source.error(path, f"missing required key '{key}'")
     if len(source.errors) > errors_before:

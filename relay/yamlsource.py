@@ -98,8 +98,13 @@ class _Builder:
             return raw
         expanded = _ENV.sub(lambda m: self.variable(m, path), raw)
         if getattr(node, "style", None) is None:
-            # An unquoted `${PORT}` should become the int it names, as if written literally.
-            return yaml.safe_load(expanded) if expanded.strip() else ""
+            # An unquoted `${PORT}` should become the int it names, as if written literally;
+            # anything that is not a plain scalar in YAML stays the string it is.
+            try:
+                value = yaml.safe_load(expanded) if expanded.strip() else ""
+            except yaml.YAMLError:
+                return expanded
+            return expanded if isinstance(value, (dict, list)) else value
         return expanded
 
     def variable(self, match: re.Match[str], path: Path) -> str:

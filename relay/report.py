@@ -24,6 +24,8 @@ async def build(path: str) -> dict[str, Any]:
                     for ref, groups, n in await conn.execute_fetchall(
                         "SELECT m.ref, group_concat(m.group_id, char(10)), coalesce(u.count, 0)"
                         " FROM group_members m LEFT JOIN ungrouped_tracks u ON u.ref = m.ref"
+                        # Internal users are listed apart: their traffic never reaches the vendor.
+                        " WHERE m.ref NOT IN (SELECT ref FROM internal_users)"
                         " GROUP BY m.ref HAVING count(*) > 1 ORDER BY m.ref")
                 ],
                 "internal_users": [

@@ -48,6 +48,9 @@ def compile_when(value: Any, path: Path, source: Source) -> Condition | None:
 
 def _compile(value: Any, path: Path, source: Source) -> Callable[[Message], bool]:
     if isinstance(value, list):
+        if not value:
+            source.error(path, "must be a non-empty list of conditions")
+            return _never
         return _all([_compile(item, (*path, i), source) for i, item in enumerate(value)])
     if not isinstance(value, dict) or not value:
         source.error(path, "a condition is a mapping (like {type: track}) or a list of them")
@@ -79,6 +82,9 @@ def _clause(key: str, value: Any, path: Path, source: Source) -> Callable[[Messa
 
 def _operators(parts: tuple[str, ...], ops: dict[str, Any], path: Path,
                source: Source) -> Callable[[Message], bool]:
+    if not ops:
+        source.error(path, f"needs an operator: {', '.join(OPERATORS)}")
+        return _never
     tests = []
     for op, operand in ops.items():
         where = (*path, op)
@@ -156,12 +162,8 @@ def _event_glob(value: Any, path: Path, source: Source) -> Callable[[Message], b
 
 
 def _same(value: Any, operand: Any) -> bool:
-    # YAML `1` must not equal JSON `true`, nor `1` equal `"1"`: compare type and value.
-    if type(value) is type(operand):
-        return bool(value == operand)
-    numbers = (int, float)
-    return (isinstance(value, numbers) and isinstance(operand, numbers)
-            and not isinstance(value, bool) and not isinstance(operand, bool) and value == operand)
+    # YAML `1` must not equal JSON `true`, nor `1` equal `"1"`.
+    return value is not _ABSENT and paths.same(value, operand)
 
 
 def _all(tests: list[Callable[[Message], bool]]) -> Callable[[Message], bool]:

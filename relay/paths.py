@@ -17,6 +17,20 @@ def split(path: str) -> tuple[str, ...]:
     return tuple(path.split("."))
 
 
+def same(a: Any, b: Any) -> bool:
+    """JSON equality that tells `true` from `1` and `1` from `"1"`, at every depth."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers):
+        return a == b
+    return type(a) is type(b) and bool(a == b)
+
+
 def valid(path: Any) -> bool:
     """Whether `path` is a non-empty dotted path with no empty part."""
     return isinstance(path, str) and bool(path) and "" not in split(path)

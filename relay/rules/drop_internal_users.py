@@ -37,10 +37,11 @@ class DropInternalUsers:
             return message
         await self._link(message, ctx.state)
         reason = self._verdict(message)
-        if reason is not None:
-            await ctx.state.mark_internal(refs, reason)
-        elif not await _any_internal(refs, ctx.state):
+        if reason is None and await _any_internal(refs, ctx.state):
+            reason = "linked"  # e.g. an alias from an internal userId to a new one
+        if reason is None:
             return message
+        await ctx.state.mark_internal(refs, reason)
         group = await _acting_group(message, ctx.state)
         if group is not None and group in self.own_groups:
             return message

@@ -27,5 +27,6 @@ class Sample:
         if ref is None:
             return message
         digest = hashlib.sha256(f"{self.salt}\n{ref}".encode("utf-8", "surrogatepass")).digest()
-        share = int.from_bytes(digest[:8], "big") / 2**64
-        return message if share < self.rate else Drop("sampled_out")
+        # Integers, so that rate 1 keeps every user (a float share can round up to 1.0).
+        keep = int.from_bytes(digest[:8], "big") < round(self.rate * 2**64)
+        return message if keep else Drop("sampled_out")

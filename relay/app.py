@@ -69,11 +69,10 @@ class Relay:
         for task in late:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for forwarder in self.forwarders:
-            left = await self.outbox.backlog(forwarder.upstream.name)
-            if left:
-                log.info("stopped: %d message(s) for %s kept for the next start", left,
-                         forwarder.upstream.name)
+        for queue in await self.outbox.stats():
+            if queue.messages:
+                log.info("stopped: %d message(s) for %s kept for the next start", queue.messages,
+                         queue.upstream)
 
     def apply(self, config: Config) -> None:
         """Takes the rules and write keys of a reloaded config; the next message uses them."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import aiosqlite
 
+from relay import inventory
+
 log = logging.getLogger("relay.outbox")
 
 SCHEMA = """
@@ -200,6 +202,11 @@ class Outbox:
         async with self._reader.execute(sql, (upstream,)) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    async def stats(self) -> list[inventory.QueueStats]:
+        """What each upstream's queue holds now."""
+        assert self._reader is not None
+        return await inventory.stats(self._reader, self.upstreams)
 
     async def _submit(self, statements: list[Statement]) -> None:
         if self._task is None or self._closing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from relay import report
+from relay.capacity import Capacity
 from relay.config import Config
 from relay.forwarder import Forwarder
 from relay.ingest import Ingest, mask
+from relay.metrics import CONTENT_TYPE, Metrics
 from relay.outbox import Outbox
 from relay.pipeline import Pipeline
 from relay.reloader import Reloader
@@ -26,11 +30,13 @@ class Relay:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.outbox = Outbox(config.storage.path, [u.name for u in config.upstreams],
-                             config.storage.synchronous)
+        storage = config.storage
+        self.outbox = Outbox(storage.path, [u.name for u in config.upstreams],
+                             storage.synchronous, Capacity(storage.max_bytes, storage.when_full))
         self.state = SqliteState(config.storage.path, config.storage.cache_size)
+        self.metrics = Metrics()
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
-                             self.state, self.outbox)
+                             self.state, self.outbox, self.metrics)
         self.forwarders: list[Forwarder] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -44,7 +50,7 @@ class Relay:
             raise
         session = aiohttp.ClientSession()
         for upstream in self.config.upstreams:
-            forwarder = Forwarder(upstream, self.outbox, session)
+            forwarder = Forwarder(upstream, self.outbox, session, self.metrics)
             self.forwarders.append(forwarder)
             self.tasks.append(asyncio.create_task(forwarder.run(), name=f"forward-{upstream.name}"))
         if self.config.file:
@@ -80,9 +86,10 @@ class Relay:
         self.ingest.write_keys = frozenset(config.write_keys)
 
     def ready(self) -> dict[str, bool]:
-        """What /readyz checks: storage writable, every forwarder running."""
+        """What /readyz checks: storage writable and not full, every forwarder running."""
         running = bool(self.tasks) and all(not t.done() for t in self.tasks)
-        return {"storage": self.outbox.writable, "forwarders": running}
+        writable = self.outbox.writable and not self.outbox.capacity.full
+        return {"storage": writable, "forwarders": running}
 
     def _log_start(self) -> None:
         config = self.config
@@ -119,12 +126,50 @@ def build(config: Config, middlewares: Sequence[Any] = ()) -> web.Application:
     app[RELAY] = relay
     app.cleanup_ctx.append(relay.lifecycle)
     app.add_routes(relay.ingest.routes())
-    app.add_routes([web.get("/healthz", _healthz), web.get("/readyz", _readyz)])
+    app.add_routes([web.get("/healthz", _healthz), web.get("/readyz", _readyz),
+                    web.get("/metrics", _metrics)])
+    if config.admin.token:
+        app.add_routes([web.get("/admin/report", _admin_report),
+                        web.get("/admin/queue", _admin_queue)])
     return app
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[RELAY].config.admin.token
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response({"code": "unauthorized", "message": "admin needs its bearer token"},
+                             status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _admin_report(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    return web.json_response(await report.build(request.app[RELAY].config.storage.path))
+
+
+async def _admin_queue(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _unauthorized()
+    relay = request.app[RELAY]
+    queues = await relay.outbox.stats()
+    paused = {f.upstream.name: f.paused for f in relay.forwarders}
+    return web.json_response({"upstreams": [
+        {**q.as_dict(), "paused": paused.get(q.upstream, False)} for q in queues]})
 
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    body = relay.metrics.render(await relay.outbox.stats())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _readyz(request: web.Request) -> web.Response:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sqlite3
 import sys
 from collections.abc import Sequence
 
-from relay import config, report, server, trial
+from relay import config, logs, report, server, trial
 from relay.protocol import PayloadError
 
 EXIT_CONFIG = 2
@@ -49,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     commands["try"].add_argument("--route", help="the path it is sent to, e.g. /v1/t (default:"
                                  " /v1/batch for a batch, else /v1/<type>)")
     commands["report"].add_argument("--json", action="store_true", help="print JSON")
+    log_format = os.environ.get("RELAY_LOG_FORMAT", "human")
+    commands["serve"].add_argument(
+        "--log-format", choices=("human", "json"),
+        default=log_format if log_format in ("human", "json") else "human",
+        help="log lines for people, or JSON lines (default: $RELAY_LOG_FORMAT or human)")
     return parser
 
 
@@ -109,8 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_CONFIG
-    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format)
     try:
         asyncio.run(server.serve(loaded))
     except sqlite3.DatabaseError as exc:

@@ -10,6 +10,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def datetime_of(seconds: float) -> datetime:
+    """A `time.time()` value as an aware datetime."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 def parse(value: Any) -> datetime | None:
     """`value` as an aware datetime, or None when it is not an ISO-8601 string."""
     if not isinstance(value, str) or len(value) > 64:

@@ -59,6 +59,17 @@ class Storage:
     path: str = _default("data/relay.db", bool, "must name a file")
     synchronous: Literal["full", "normal"] = "full"
     cache_size: int = _default(100_000, lambda v: v >= 1, "must be at least 1")
+    max_bytes: int = _default(0, lambda v: v == 0 or v >= 1_000_000,
+                              "must be 0 (no cap) or at least 1000000")
+    when_full: Literal["reject", "drop_oldest"] = "reject"
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The operators' HTTP endpoints, off while `token` is empty."""
+
+    token: str = _default("", lambda v: v == "" or len(v) >= 16,
+                          "must be empty (admin endpoints off) or at least 16 characters")
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,7 @@ class Config:
     write_keys: tuple[str, ...] = ()
     shutdown_grace_seconds: float = _default(5.0, lambda v: v >= 0, "must be 0 or more")
     on_rule_error: Literal["pass", "drop"] = "pass"
+    admin: Admin = Admin()
     rules: tuple[Step, ...] = dataclasses.field(default=(), metadata={"yaml": False})
     file: str = dataclasses.field(default="", metadata={"yaml": False})
     warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})

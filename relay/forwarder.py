@@ -14,11 +14,13 @@ import aiohttp
 
 from relay import clock, protocol
 from relay.config import Upstream
+from relay.metrics import Metrics
 from relay.outbox import Outbox, Pending
 
 log = logging.getLogger("relay.forwarder")
 
 RETRY_AFTER_CAP = 300.0
+FAILURE_LOG_SECONDS = 60.0  # while an upstream keeps failing, one line a minute is enough
 ANSWER_SNIPPET = 500
 
 
@@ -53,10 +55,13 @@ def retryable(status: int) -> bool:
 class Forwarder:
     """Sends one upstream everything its queue holds, in order, for as long as relay runs."""
 
-    def __init__(self, upstream: Upstream, outbox: Outbox, session: aiohttp.ClientSession) -> None:
+    def __init__(self, upstream: Upstream, outbox: Outbox, session: aiohttp.ClientSession,
+                 metrics: Metrics) -> None:
         self.upstream = upstream
         self.outbox = outbox
         self.session = session
+        self.metrics = metrics
+        self._last_failure_log = 0.0
         self.url = protocol.batch_url(upstream.kind, upstream.url)
         self.failures = 0
         self.paused = False
@@ -92,6 +97,8 @@ class Forwarder:
     async def deliver(self, batch: list[Pending]) -> float | None:
         """Sends `batch`; None when it was settled (sent or set aside), else seconds to wait."""
         answer = await self.post(batch)
+        self.metrics.deliveries.labels(self.upstream.name, str(answer.status or "error")).inc()
+        self.metrics.batch_messages.observe(len(batch))
         if 200 <= answer.status < 300:
             await self.outbox.ack(batch)
             self._recovered()
@@ -99,7 +106,7 @@ class Forwarder:
         if answer.status in (400, 413):
             return await self._bisect(batch, answer)
         if retryable(answer.status):
-            return self._backoff(answer)
+            return self._backoff(answer, len(batch))
         if answer.status in (401, 403) or 300 <= answer.status < 400:
             return self._pause(answer)
         await self._dead_letter(batch, answer)
@@ -135,12 +142,13 @@ class Forwarder:
 
     async def _dead_letter(self, batch: list[Pending], answer: Answer) -> None:
         await self.outbox.dead_letter(self.upstream.name, batch, answer.status, answer.text)
+        self.metrics.dead_letters.labels(self.upstream.name).inc(len(batch))
         log.error(
             "upstream %s: %d message(s) dead-lettered, answer %d: %s",
             self.upstream.name, len(batch), answer.status, _one_line(answer.text),
         )
 
-    def _backoff(self, answer: Answer) -> float:
+    def _backoff(self, answer: Answer, batch_size: int) -> float:
         self.failures += 1
         ceiling = min(
             self.upstream.backoff_max_seconds,
@@ -149,10 +157,13 @@ class Forwarder:
         wait = random.uniform(ceiling / 2, ceiling)
         if answer.retry_after is not None:
             wait = max(wait, answer.retry_after)
-        if self.failures == 1:
+        self.metrics.retries.labels(self.upstream.name).inc()
+        now = time.monotonic()
+        if self.failures == 1 or now - self._last_failure_log >= FAILURE_LOG_SECONDS:
+            self._last_failure_log = now
             log.warning(
-                "upstream %s: failing (%s); keeping messages, retrying with backoff",
-                self.upstream.name, _describe(answer),
+                "upstream %s: batch of %d failed (%s), attempt %d; messages kept, next try in"
+                " %.1fs", self.upstream.name, batch_size, _describe(answer), self.failures, wait,
             )
         return wait
 

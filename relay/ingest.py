@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from relay import clock, protocol
+from relay.metrics import Metrics
 from relay.outbox import Entry, Outbox, StorageError
 from relay.pipeline import Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
@@ -41,11 +43,12 @@ class Ingest:
     """Turns SDK requests into stored messages; one handler per route of `protocol.routes()`."""
 
     def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, state: SqliteState,
-                 outbox: Outbox) -> None:
+                 outbox: Outbox, metrics: Metrics) -> None:
         self.write_keys = frozenset(write_keys)
         self.pipeline = pipeline  # replaced whole on reload; a request keeps the one it began with
         self.state = state
         self.outbox = outbox
+        self.metrics = metrics
 
     def routes(self) -> list[web.RouteDef]:
         """A POST route for every inbound path."""
@@ -53,14 +56,18 @@ class Ingest:
 
     def _handler(self, route: Route) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
             try:
                 await self.accept(request, route)
+                response = web.json_response(OK)
             except PayloadError as exc:
-                return error(exc.status, exc.code, exc.message)
+                response = error(exc.status, exc.code, exc.message)
             except StorageError as exc:
-                return error(503, "storage_unavailable", f"cannot store messages: {exc}",
-                             **{"Retry-After": STORAGE_RETRY_AFTER})
-            return web.json_response(OK)
+                response = error(503, "storage_unavailable", f"cannot store messages: {exc}",
+                                 **{"Retry-After": STORAGE_RETRY_AFTER})
+            self.metrics.requests.labels(route.path, str(response.status)).inc()
+            self.metrics.ingest_seconds.observe(time.perf_counter() - started)
+            return response
 
         return handle
 
@@ -92,6 +99,8 @@ class Ingest:
         except StorageError:
             self.state.forget()
             raise
+        if "dropped.outbox_full" in counts:
+            self.metrics.dropped.labels("storage", "outbox_full").inc(counts["dropped.outbox_full"])
 
     async def process(
         self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None
@@ -102,19 +111,24 @@ class Ingest:
         pipeline = self.pipeline
         entries: list[Entry] = []
         counts: Counter[str] = Counter()
+        metrics = self.metrics
         for item in items:
             message = protocol.message_from(item, top, route)
             reason = protocol.invalid_reason(message)
             if reason is not None:
                 counts[f"invalid.{reason}"] += 1
+                metrics.dropped.labels("protocol", reason).inc()
                 continue
+            metrics.received.labels(message["type"]).inc()
             ip = remote if protocol.wants_ip(message, route) else None
             protocol.stamp(message, item.get("sentAt", top.get("sentAt")), received, ip)
             outcome = await pipeline.run(message, ctx)
             for step in outcome.changed_by:
                 counts[f"changed.{step}"] += 1
+                metrics.changed.labels(step).inc()
             if outcome.message is None:
                 counts[f"dropped.{outcome.dropped_by}"] += 1
+                metrics.dropped.labels(outcome.dropped_by, outcome.reason).inc()
                 continue
             final = outcome.message
             entries.append(Entry(protocol.user_key(final), protocol.dumps(final)))

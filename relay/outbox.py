@@ -15,6 +15,7 @@ from typing import Any
 import aiosqlite
 
 from relay import inventory
+from relay.capacity import Capacity, OutboxFull
 
 log = logging.getLogger("relay.outbox")
 
@@ -83,8 +84,10 @@ _COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
 class Outbox:
     """One SQLite file (WAL); one writer task commits every queued write in one transaction."""
 
-    def __init__(self, path: str, upstreams: Sequence[str], synchronous: str = "full") -> None:
+    def __init__(self, path: str, upstreams: Sequence[str], synchronous: str = "full",
+                 capacity: Capacity | None = None) -> None:
         self.path = path
+        self.capacity = capacity or Capacity(0, "reject")
         self.upstreams = tuple(upstreams)
         self.synchronous = synchronous.upper()
         self.writable = False
@@ -123,6 +126,7 @@ class Outbox:
             raise sqlite3.DatabaseError("integrity check failed: " + "; ".join(verdict[:3]))
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
+        await self.capacity.sync(self._reader)
 
     async def close(self) -> None:
         """Commits what is queued, then closes both connections."""
@@ -151,7 +155,16 @@ class Outbox:
         writes, in one transaction; returns once durable."""
         now = time.time()
         rows = [(u, write_key, e.user_key, e.body, now) for u in self.upstreams for e in entries]
-        await self._submit([(_INSERT, rows), (_COUNT, list(counts.items())), *state])
+        size = sum(len(e.body) for e in entries) * len(self.upstreams)
+        assert self._reader is not None
+        try:
+            room = await self.capacity.admit(size, self._reader)
+        except OutboxFull as exc:
+            raise StorageError(str(exc)) from None
+        if room:
+            counts["dropped.outbox_full"] += len(room[0][1])
+        await self._submit([*room, (_INSERT, rows), (_COUNT, list(counts.items())), *state])
+        self.capacity.added(size)
         if rows:
             for event in self._signals.values():
                 event.set()
@@ -184,7 +197,9 @@ class Outbox:
 
     async def ack(self, pending: Iterable[Pending]) -> None:
         """Removes delivered messages."""
+        pending = list(pending)
         await self._submit([(_DELETE, [(p.id,) for p in pending])])
+        self.capacity.removed(sum(len(p.body) for p in pending))
 
     async def dead_letter(
         self, upstream: str, pending: Sequence[Pending], status: int, answer: str
@@ -194,6 +209,7 @@ class Outbox:
         rows = [(upstream, p.write_key, p.user_key, p.body, p.enqueued_at, now, status, answer)
                 for p in pending]
         await self._submit([(_DEAD, rows), (_DELETE, [(p.id,) for p in pending])])
+        self.capacity.removed(sum(len(p.body) for p in pending))
 
     async def backlog(self, upstream: str) -> int:
         """How many messages wait for `upstream`."""

@@ -1,0 +1,97 @@
+"""`storage.max_bytes`: a cap on the outbox, and what happens when a request would pass it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import aiosqlite
+
+log = logging.getLogger("relay.outbox")
+
+Statement = tuple[str, list[tuple[Any, ...]]]
+WhenFull = Literal["reject", "drop_oldest"]
+RESYNC_SECONDS = 30.0  # `relay queue purge` in another process changes the size behind our back
+_LOG_SECONDS = 60.0
+
+
+class OutboxFull(Exception):
+    """The outbox is at `storage.max_bytes` and `when_full` is reject: answer 503."""
+
+
+class Capacity:
+    """Keeps the bytes of waiting messages (all upstreams) under `max_bytes` (0: no cap)."""
+
+    def __init__(self, max_bytes: int, when_full: WhenFull) -> None:
+        self.max_bytes = max_bytes
+        self.when_full = when_full
+        self.used = 0
+        self.full = False
+        self.dropped = 0
+        self._synced = 0.0
+        self._logged = 0.0
+
+    async def sync(self, conn: aiosqlite.Connection) -> None:
+        """Reads the true size from the database."""
+        rows = list(await conn.execute_fetchall(
+            "SELECT coalesce(sum(length(body)), 0) FROM outbox"))
+        self.used = int(rows[0][0])
+        self.full = bool(self.max_bytes) and self.used >= self.max_bytes
+        self._synced = time.monotonic()
+
+    async def admit(self, size: int, conn: aiosqlite.Connection) -> list[Statement]:
+        """Room for `size` more bytes: nothing to do, statements deleting the oldest messages
+        (drop_oldest), or OutboxFull (reject)."""
+        if not self.max_bytes:
+            return []
+        if time.monotonic() - self._synced > RESYNC_SECONDS:
+            await self.sync(conn)
+        excess = self.used + size - self.max_bytes
+        if excess <= 0:
+            self.full = False
+            return []
+        if self.when_full == "reject" or size > self.max_bytes:
+            self.full = True
+            self._log("storage: outbox at its cap of %d bytes; answering 503 until the upstreams"
+                      " catch up (storage.when_full: reject)", self.max_bytes)
+            raise OutboxFull(f"the outbox holds {self.used} bytes, its cap is {self.max_bytes}")
+        ids = await _oldest(conn, excess)
+        self.dropped += len(ids)
+        self.used -= sum(n for _, n in ids)
+        self._log("storage: outbox at its cap of %d bytes; dropped the %d oldest message(s)"
+                  " (%d since start; storage.when_full: drop_oldest)", self.max_bytes, len(ids),
+                  self.dropped)
+        return [("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in ids])]
+
+    def added(self, size: int) -> None:
+        self.used += size
+
+    def removed(self, size: int) -> None:
+        self.used = max(self.used - size, 0)
+        if self.full and self.used < self.max_bytes:
+            self.full = False
+
+    def _log(self, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._logged >= _LOG_SECONDS:
+            self._logged = now
+            log.warning(text, *args)
+
+
+async def _oldest(conn: aiosqlite.Connection, excess: int) -> list[tuple[int, int]]:
+    """The oldest messages whose bytes add up to at least `excess`."""
+    found: list[tuple[int, int]] = []
+    freed, after = 0, 0
+    while freed < excess:
+        rows = list(await conn.execute_fetchall(
+            "SELECT id, length(body) FROM outbox WHERE id > ? ORDER BY id LIMIT 500", (after,)))
+        if not rows:
+            break
+        for row_id, size in rows:
+            found.append((int(row_id), int(size)))
+            freed += int(size)
+            if freed >= excess:
+                break
+        after = int(rows[-1][0])
+    return found

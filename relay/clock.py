@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,11 @@ def parse(value: Any) -> datetime | None:
     """`value` as an aware datetime, or None when it is not an ISO-8601 string."""
     if not isinstance(value, str) or len(value) > 64:
         return None
+    return _parse(value)
+
+
+@functools.lru_cache(maxsize=256)  # a batch's messages share one sentAt, often timestamps too
+def _parse(value: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -26,9 +32,10 @@ def parse(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+@functools.lru_cache(maxsize=16)  # every message of a request is stamped with one receive time
 def iso(moment: datetime) -> str:
     """`moment` in UTC, millisecond precision, `Z` suffix: what analytics.js sends."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def corrected(timestamp: Any, sent_at: datetime | None, received_at: datetime) -> str | None:

@@ -20,6 +20,7 @@ from relay.outbox import Outbox, Pending
 log = logging.getLogger("relay.forwarder")
 
 RETRY_AFTER_CAP = 300.0
+LINGER_SECONDS = 0.05
 FAILURE_LOG_SECONDS = 60.0  # while an upstream keeps failing, one line a minute is enough
 ANSWER_SNIPPET = 500
 
@@ -93,6 +94,10 @@ class Forwarder:
             wait = await self.deliver(batch)
             if wait is not None:
                 await self._sleep(wait)
+            elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
+                # Under a steady stream, a short pause fills the next batch instead of sending
+                # many small ones; when idle it only delays the next message by as much.
+                await _wait(self._stop, LINGER_SECONDS)
 
     async def deliver(self, batch: list[Pending]) -> float | None:
         """Sends `batch`; None when it was settled (sent or set aside), else seconds to wait."""

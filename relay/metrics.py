@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,6 +18,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._answers: dict[tuple[str, int], Any] = {}
         r = self.registry
         self.requests = Counter("relay_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=r)
@@ -48,6 +50,13 @@ class Metrics:
                                         " the event routes", registry=r,
                                         buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                  0.25, 0.5, 1.0, 2.5))
+
+    def answered(self, route: str, status: int) -> None:
+        """Counts one answer; the labelled child is looked up once per route and status."""
+        child = self._answers.get((route, status))
+        if child is None:
+            child = self._answers[(route, status)] = self.requests.labels(route, str(status))
+        child.inc()
 
     def render(self, queues: Iterable[QueueStats]) -> bytes:
         """The exposition text, with the queue gauges as they are now."""

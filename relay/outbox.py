@@ -16,6 +16,7 @@ import aiosqlite
 
 from relay import inventory
 from relay.capacity import Capacity, OutboxFull
+from relay.writer import Writer
 
 log = logging.getLogger("relay.outbox")
 
@@ -92,7 +93,7 @@ class Outbox:
         self.synchronous = synchronous.upper()
         self.writable = False
         self.commits = 0
-        self._writer: aiosqlite.Connection | None = None
+        self._writer = Writer(path)
         self._reader: aiosqlite.Connection | None = None
         self._ops: list[tuple[list[Statement], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -115,13 +116,9 @@ class Outbox:
             event.set()  # a backlog from the last run is there to be sent
 
     async def _connect(self) -> None:
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._writer.execute("PRAGMA journal_mode=WAL")
-        await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
-        await self._writer.execute("PRAGMA busy_timeout=5000")
-        await self._writer.executescript(SCHEMA)
-        async with self._writer.execute("PRAGMA quick_check") as cur:
-            verdict = [str(row[0]) for row in await cur.fetchall()]
+        pragmas = ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={self.synchronous}",
+                   "PRAGMA busy_timeout=5000"]
+        verdict = await self._writer.open(pragmas, SCHEMA)
         if verdict != ["ok"]:
             raise sqlite3.DatabaseError("integrity check failed: " + "; ".join(verdict[:3]))
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -135,10 +132,10 @@ class Outbox:
             self._wake.set()
             await self._task
             self._task = None
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        await self._writer.close()
 
     def signal(self, upstream: str) -> asyncio.Event:
         """Set whenever new messages for `upstream` are committed."""
@@ -232,20 +229,6 @@ class Outbox:
         self._wake.set()
         await future
 
-    async def _transaction(self, statements: list[Statement]) -> None:
-        """Every queued write in one transaction, so one fsync serves them all."""
-        conn = self._writer
-        assert conn is not None
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in statements:
-                await conn.executemany(sql, rows)
-            await conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                await asyncio.shield(conn.execute("ROLLBACK"))
-            raise
-
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -258,7 +241,8 @@ class Outbox:
 
     async def _commit(self, ops: list[tuple[list[Statement], asyncio.Future[None]]]) -> None:
         try:
-            await self._transaction(_merged(s for statements, _ in ops for s in statements))
+            # Every queued write in one transaction, so one fsync serves them all.
+            await self._writer.transaction(_merged(s for st, _ in ops for s in st))
         except Exception as exc:  # whatever it is, the requests waiting on it must not hang
             if self.writable:
                 log.error("storage: cannot commit (%s); answering 503 until it can", exc)

@@ -52,7 +52,8 @@ class Relay:
         for upstream in self.config.upstreams:
             forwarder = Forwarder(upstream, self.outbox, session, self.metrics)
             self.forwarders.append(forwarder)
-            self.tasks.append(asyncio.create_task(forwarder.run(), name=f"forward-{upstream.name}"))
+            self.tasks.append(asyncio.create_task(_supervised(forwarder),
+                                                  name=f"forward-{upstream.name}"))
         if self.config.file:
             reloader = Reloader(self.config.file, self.config, self.apply)
             self.tasks.append(asyncio.create_task(reloader.run(), name="reload"))
@@ -102,6 +103,18 @@ class Relay:
                  config.listen, config.storage.path, keys, len(config.rules), ups)
         for note in config.warnings:
             log.warning("%s", note)
+
+
+async def _supervised(forwarder: Forwarder) -> None:
+    """Runs a forwarder until it stops; a bug that escapes it is logged, and it starts again."""
+    while True:
+        try:
+            await forwarder.run()
+            return
+        except Exception:
+            log.exception("upstream %s: delivery loop failed; starting it again",
+                          forwarder.upstream.name)
+            await asyncio.sleep(1.0)
 
 
 RELAY = web.AppKey("relay", Relay)

@@ -29,14 +29,16 @@ class Capacity:
         self.used = 0
         self.full = False
         self.dropped = 0
-        self._synced = 0.0
-        self._logged = 0.0
+        self._synced = -RESYNC_SECONDS
+        self._logged = -_LOG_SECONDS
+        self._gone: set[int] = set()  # dropped to make room; an ack for them frees nothing
 
     async def sync(self, conn: aiosqlite.Connection) -> None:
         """Reads the true size from the database."""
         rows = list(await conn.execute_fetchall(
             "SELECT coalesce(sum(length(body)), 0) FROM outbox"))
         self.used = int(rows[0][0])
+        self._gone.clear()
         self.full = bool(self.max_bytes) and self.used >= self.max_bytes
         self._synced = time.monotonic()
 
@@ -59,6 +61,7 @@ class Capacity:
         ids = await _oldest(conn, excess)
         self.dropped += len(ids)
         self.used -= sum(n for _, n in ids)
+        self._gone.update(i for i, _ in ids)
         self._log("storage: outbox at its cap of %d bytes; dropped the %d oldest message(s)"
                   " (%d since start; storage.when_full: drop_oldest)", self.max_bytes, len(ids),
                   self.dropped)
@@ -67,7 +70,10 @@ class Capacity:
     def added(self, size: int) -> None:
         self.used += size
 
-    def removed(self, size: int) -> None:
+    def removed(self, sizes: dict[int, int]) -> None:
+        """Messages (id: bytes) delivered or dead-lettered leave the outbox."""
+        size = sum(n for i, n in sizes.items() if i not in self._gone)
+        self._gone.difference_update(sizes)
         self.used = max(self.used - size, 0)
         if self.full and self.used < self.max_bytes:
             self.full = False

@@ -7,6 +7,7 @@ import contextlib
 import email.utils
 import logging
 import random
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -15,12 +16,13 @@ import aiohttp
 from relay import clock, protocol
 from relay.config import Upstream
 from relay.metrics import Metrics
-from relay.outbox import Outbox, Pending
+from relay.outbox import Outbox, Pending, StorageError
 
 log = logging.getLogger("relay.forwarder")
 
 RETRY_AFTER_CAP = 300.0
 LINGER_SECONDS = 0.05
+STORAGE_RETRY_SECONDS = 1.0
 FAILURE_LOG_SECONDS = 60.0  # while an upstream keeps failing, one line a minute is enough
 ANSWER_SNIPPET = 500
 
@@ -62,7 +64,7 @@ class Forwarder:
         self.outbox = outbox
         self.session = session
         self.metrics = metrics
-        self._last_failure_log = 0.0
+        self._last_failure_log = -FAILURE_LOG_SECONDS
         self.url = protocol.batch_url(upstream.kind, upstream.url)
         self.failures = 0
         self.paused = False
@@ -80,18 +82,23 @@ class Forwarder:
         signal = self.outbox.signal(self.upstream.name)
         while not self._out_of_time():
             signal.clear()
-            batch = await self.outbox.next_batch(
-                self.upstream.name,
-                self.upstream.max_batch_messages,
-                self.upstream.max_batch_bytes - 256,
-                by_key=not self.upstream.write_key,
-            )
-            if not batch:
-                if self._stop.is_set():
-                    return
-                await _wait(signal, 1.0)
-                continue
-            wait = await self.deliver(batch)
+            try:
+                batch = await self.outbox.next_batch(
+                    self.upstream.name,
+                    self.upstream.max_batch_messages,
+                    self.upstream.max_batch_bytes - 256,
+                    by_key=not self.upstream.write_key,
+                )
+                if not batch:
+                    if self._stop.is_set():
+                        return
+                    await _wait(signal, 1.0)
+                    continue
+                wait = await self.deliver(batch)
+            except (StorageError, sqlite3.Error) as exc:
+                # Delivered but not yet deleted is fine: it is sent again, and the vendor
+                # deduplicates on messageId. Losing the loop is not.
+                wait = self._storage_failed(exc)
             if wait is not None:
                 await self._sleep(wait)
             elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
@@ -171,6 +178,14 @@ class Forwarder:
                 " %.1fs", self.upstream.name, batch_size, _describe(answer), self.failures, wait,
             )
         return wait
+
+    def _storage_failed(self, exc: Exception) -> float:
+        now = time.monotonic()
+        if now - self._last_failure_log >= FAILURE_LOG_SECONDS:
+            self._last_failure_log = now
+            log.warning("upstream %s: cannot read or update the outbox (%s); trying again",
+                        self.upstream.name, exc)
+        return STORAGE_RETRY_SECONDS
 
     def _pause(self, answer: Answer) -> float:
         if not self.paused:

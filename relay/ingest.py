@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from relay import clock, protocol
-from relay.metrics import Metrics
+from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox, StorageError
 from relay.pipeline import Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
@@ -87,7 +87,7 @@ class Ingest:
                 raise PayloadError(413, "message_too_large",
                                    f"message {index} is over {protocol.MAX_MESSAGE_BYTES} bytes")
         try:
-            entries, counts = await self.process(items, top, route, request.remote)
+            entries, counts, tally = await self.process(items, top, route, request.remote)
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
@@ -100,39 +100,41 @@ class Ingest:
             self.state.forget()
             raise
         if "dropped.outbox_full" in counts:
-            self.metrics.dropped.labels("storage", "outbox_full").inc(counts["dropped.outbox_full"])
+            tally[("dropped", "storage", "outbox_full")] += counts["dropped.outbox_full"]
+        self.metrics.record(tally)  # only now: a request refused with 503 comes again
 
     async def process(
         self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None
-    ) -> tuple[list[Entry], Counter[str]]:
-        """Each item validated, stamped and run through the rules; what is left, serialised."""
+    ) -> tuple[list[Entry], Counter[str], Tally]:
+        """Each item validated, stamped and run through the rules; what is left, serialised,
+        with the durable counters and the metrics' tally of what happened."""
         received = clock.now()
         ctx = RuleContext(state=self.state, route=route.path)
         pipeline = self.pipeline
         entries: list[Entry] = []
         counts: Counter[str] = Counter()
-        metrics = self.metrics
+        tally: Tally = Counter()
         for item in items:
             message = protocol.message_from(item, top, route)
             reason = protocol.invalid_reason(message)
             if reason is not None:
                 counts[f"invalid.{reason}"] += 1
-                metrics.dropped.labels("protocol", reason).inc()
+                tally[("dropped", "protocol", reason)] += 1
                 continue
-            metrics.received.labels(message["type"]).inc()
+            tally[("received", message["type"], "")] += 1
             ip = remote if protocol.wants_ip(message, route) else None
             protocol.stamp(message, item.get("sentAt", top.get("sentAt")), received, ip)
             outcome = await pipeline.run(message, ctx)
             for step in outcome.changed_by:
                 counts[f"changed.{step}"] += 1
-                metrics.changed.labels(step).inc()
+                tally[("changed", step, "")] += 1
             if outcome.message is None:
                 counts[f"dropped.{outcome.dropped_by}"] += 1
-                metrics.dropped.labels(outcome.dropped_by, outcome.reason).inc()
+                tally[("dropped", str(outcome.dropped_by), str(outcome.reason))] += 1
                 continue
             final = outcome.message
             entries.append(Entry(protocol.user_key(final), protocol.dumps(final)))
-        return entries, counts
+        return entries, counts, tally
 
 
 async def read_body(request: web.Request) -> bytes:

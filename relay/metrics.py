@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from relay.inventory import QueueStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# What one request did, for the message counters: (what, label, label) -> how many.
+Tally = Counter[tuple[str, str, str]]
 
 
 class Metrics:
@@ -19,37 +24,44 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._answers: dict[tuple[str, int], Any] = {}
-        r = self.registry
-        self.requests = Counter("relay_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=r)
-        self.received = Counter("relay_messages_received", "Messages received, by type",
-                                ["type"], registry=r)
-        self.dropped = Counter("relay_messages_dropped", "Messages not forwarded, by the rule"
-                               " (or `protocol` for ones the vendor would drop) and reason",
-                               ["rule", "reason"], registry=r)
-        self.changed = Counter("relay_messages_changed", "Messages a rule changed, by rule",
-                               ["rule"], registry=r)
-        self.outbox_messages = Gauge("relay_outbox_messages", "Messages waiting, by upstream",
-                                     ["upstream"], registry=r)
-        self.outbox_bytes = Gauge("relay_outbox_bytes", "Bytes of messages waiting, by upstream",
-                                  ["upstream"], registry=r)
-        self.outbox_age = Gauge("relay_outbox_oldest_age_seconds",
-                                "Age of the oldest waiting message, by upstream", ["upstream"],
-                                registry=r)
-        self.deliveries = Counter("relay_deliveries", "Batch requests to upstreams, by the answer"
-                                  " status (`error` when none came)", ["upstream", "status"],
-                                  registry=r)
-        self.retries = Counter("relay_delivery_retries", "Batches kept to try again, by upstream",
-                               ["upstream"], registry=r)
-        self.dead_letters = Counter("relay_dead_letters", "Messages set aside as dead letters,"
-                                    " by upstream", ["upstream"], registry=r)
-        self.batch_messages = Histogram("relay_batch_messages", "Messages per batch sent",
-                                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2500),
-                                        registry=r)
-        self.ingest_seconds = Histogram("relay_ingest_seconds", "Time from request to answer on"
-                                        " the event routes", registry=r,
-                                        buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                                 0.25, 0.5, 1.0, 2.5))
+        self.requests = self._counter("requests", "HTTP requests answered on the event routes",
+                                      "route", "status")
+        self.received = self._counter("messages_received", "Valid messages received", "type")
+        self.dropped = self._counter("messages_dropped", "Messages not forwarded, by rule id"
+                                     " (protocol: the vendor would drop them) and reason",
+                                     "rule", "reason")
+        self.changed = self._counter("messages_changed", "Messages a rule changed", "rule")
+        self.outbox_messages = self._gauge("outbox_messages", "Messages waiting")
+        self.outbox_bytes = self._gauge("outbox_bytes", "Bytes of the messages waiting")
+        self.outbox_age = self._gauge("outbox_oldest_age_seconds", "Age of the oldest waiting")
+        self.deliveries = self._counter("deliveries", "Batch requests, by the answer's status"
+                                        " (error: none came)", "upstream", "status")
+        self.retries = self._counter("delivery_retries", "Batches kept to try again", "upstream")
+        self.dead_letters = self._counter("dead_letters", "Messages set aside", "upstream")
+        self.batch_messages = Histogram(
+            "relay_batch_messages", "Messages per batch sent", registry=self.registry,
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500))
+        self.ingest_seconds = Histogram(
+            "relay_ingest_seconds", "Time from request to answer on the event routes",
+            registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+    def _counter(self, name: str, text: str, *labels: str) -> PromCounter:
+        return PromCounter(f"relay_{name}", text, labels, registry=self.registry)
+
+    def _gauge(self, name: str, text: str) -> Gauge:
+        return Gauge(f"relay_{name}", f"{text}, by upstream", ["upstream"], registry=self.registry)
+
+    def record(self, tally: Tally) -> None:
+        """Adds a stored request's tally: ("received", type, ""), ("changed", rule, ""),
+        ("dropped", rule, reason)."""
+        for (what, first, second), n in tally.items():
+            if what == "received":
+                self.received.labels(first).inc(n)
+            elif what == "changed":
+                self.changed.labels(first).inc(n)
+            else:
+                self.dropped.labels(first, second).inc(n)
 
     def answered(self, route: str, status: int) -> None:
         """Counts one answer; the labelled child is looked up once per route and status."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     status INTEGER NOT NULL,
     answer TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS writable_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     count INTEGER NOT NULL
@@ -76,6 +78,8 @@ Statement = tuple[str, list[tuple[Any, ...]]]
 _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
            " VALUES (?, ?, ?, ?, ?)")
 _DELETE = "DELETE FROM outbox WHERE id = ?"
+_PROBE = "INSERT OR REPLACE INTO writable_probe (id, at) VALUES (1, ?)"
+PROBE_SECONDS = 1.0
 _DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueued_at, failed_at,"
          " status, answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
@@ -196,7 +200,7 @@ class Outbox:
         """Removes delivered messages."""
         pending = list(pending)
         await self._submit([(_DELETE, [(p.id,) for p in pending])])
-        self.capacity.removed(sum(len(p.body) for p in pending))
+        self.capacity.removed({p.id: len(p.body) for p in pending})
 
     async def dead_letter(
         self, upstream: str, pending: Sequence[Pending], status: int, answer: str
@@ -206,7 +210,7 @@ class Outbox:
         rows = [(upstream, p.write_key, p.user_key, p.body, p.enqueued_at, now, status, answer)
                 for p in pending]
         await self._submit([(_DEAD, rows), (_DELETE, [(p.id,) for p in pending])])
-        self.capacity.removed(sum(len(p.body) for p in pending))
+        self.capacity.removed({p.id: len(p.body) for p in pending})
 
     async def backlog(self, upstream: str) -> int:
         """How many messages wait for `upstream`."""
@@ -231,9 +235,19 @@ class Outbox:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if self.writable:
+                await self._wake.wait()
+            else:
+                # Nothing may arrive while /readyz says not ready: find out by ourselves when
+                # the disk can be written again.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
             self._wake.clear()
             ops, self._ops = self._ops, []
+            if not ops and not self.writable and not self._closing:
+                probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                probe.add_done_callback(lambda f: f.exception())  # nobody awaits a probe
+                ops = [([(_PROBE, [(time.time(),)])], probe)]
             if ops:
                 await self._commit(ops)
             if self._closing and not self._ops:

@@ -47,7 +47,8 @@ class Capacity:
         (drop_oldest), or OutboxFull (reject)."""
         if not self.max_bytes:
             return []
-        if time.monotonic() - self._synced > RESYNC_SECONDS:
+        # While full, look more often: `relay queue purge` may have made room meanwhile.
+        if time.monotonic() - self._synced > (RESYNC_SECONDS / 6 if self.full else RESYNC_SECONDS):
             await self.sync(conn)
         excess = self.used + size - self.max_bytes
         if excess <= 0:

@@ -10,10 +10,10 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from relay import config, logs, report, server, trial
+from relay import config, logs, queue_commands, report, server, trial
 from relay.protocol import PayloadError
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = config.EXIT_INVALID
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,20 +53,12 @@ def _parser() -> argparse.ArgumentParser:
         "--log-format", choices=("human", "json"),
         default=log_format if log_format in ("human", "json") else "human",
         help="log lines for people, or JSON lines (default: $RELAY_LOG_FORMAT or human)")
+    queue_commands.add(sub, default)
     return parser
 
 
-def _load(path: str) -> config.Config | None:
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        return None
-
-
 def _check(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
     _check_notes(loaded)
@@ -80,7 +72,7 @@ def _check_notes(loaded: config.Config) -> None:
 
 
 def _try(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
     try:
@@ -101,7 +93,7 @@ def _try(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
     built = asyncio.run(report.build(loaded.storage.path))
@@ -110,7 +102,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
     logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format)

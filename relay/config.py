@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -121,6 +122,19 @@ class Config:
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+EXIT_INVALID = 2  # what a command exits with when its config does not load
+
+
+def load_or_print(path: str) -> Config | None:
+    """The config at `path`, or None once its errors are printed to stderr (for commands)."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
 
 
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:

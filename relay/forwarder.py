@@ -86,9 +86,10 @@ class Forwarder:
                 batch = await self.outbox.next_batch(
                     self.upstream.name,
                     self.upstream.max_batch_messages,
-                    self.upstream.max_batch_bytes - 256,
+                    self.upstream.max_batch_bytes,
                     by_key=not self.upstream.write_key,
                 )
+                batch = self._fit(batch)
                 if not batch:
                     if self._stop.is_set():
                         return
@@ -105,6 +106,21 @@ class Forwarder:
                 # Under a steady stream, a short pause fills the next batch instead of sending
                 # many small ones; when idle it only delays the next message by as much.
                 await _wait(self._stop, LINGER_SECONDS)
+
+    def _fit(self, batch: list[Pending]) -> list[Pending]:
+        """The head of `batch` whose whole request body, envelope included, stays within
+        max_batch_bytes (a single message is sent whatever its size: the vendor judges it)."""
+        if not batch:
+            return batch
+        key = self.upstream.write_key or batch[0].write_key
+        budget = self.upstream.max_batch_bytes - len(
+            protocol.batch_body(self.upstream.kind, [], key, clock.now()))
+        size = 0
+        for count, pending in enumerate(batch):
+            size += len(pending.body) + (1 if count else 0)
+            if size > budget:
+                return batch[:max(count, 1)]
+        return batch
 
     async def deliver(self, batch: list[Pending]) -> float | None:
         """Sends `batch`; None when it was settled (sent or set aside), else seconds to wait."""

@@ -52,7 +52,7 @@ def text(report: dict[str, Any]) -> list[str]:
         lines += [f"  {reason}: {n}" for reason, n in sorted(invalid.items())]
     users = report["multi_group_users"]
     lines.append(f"Users seen in more than one group: {len(users)}")
-    lines += [f"  {_who(u['user'])}: {', '.join(u['groups'])}"
+    lines += [f"  {_who(u['user'])}: {', '.join(_printable(g) for g in u['groups'])}"
               f" ({u['tracks_without_group']} track calls came without a group)" for u in users]
     internal = report["internal_users"]
     lines.append(f"Internal users seen: {len(internal)} (delete them at the vendor)")
@@ -62,4 +62,9 @@ def text(report: dict[str, Any]) -> list[str]:
 
 def _who(ref: str) -> str:
     kind, _, value = ref.partition(":")
-    return f"{'userId' if kind == 'u' else 'anonymousId'} {value}"
+    return f"{'userId' if kind == 'u' else 'anonymousId'} {_printable(value)}"
+
+
+def _printable(text: str) -> str:
+    """Ids as the SDKs sent them, minus control characters a terminal would obey."""
+    return "".join(c if c.isprintable() else "?" for c in text)

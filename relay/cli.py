@@ -107,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format)
     try:
-        asyncio.run(server.serve(loaded))
+        server.run(loaded)
     except sqlite3.DatabaseError as exc:
         print(f"relay: cannot open storage {loaded.storage.path}: {exc}\n"
               "  Nothing was changed. Keep a copy of the file; then either salvage it"

@@ -86,7 +86,8 @@ class Upstream:
     write_key: str = ""
     timeout_seconds: float = _positive(10.0)
     max_batch_messages: int = _default(
-        500, lambda v: 1 <= v <= MAX_BATCH_MESSAGES, f"must be from 1 to {MAX_BATCH_MESSAGES}")
+        MAX_BATCH_MESSAGES, lambda v: 1 <= v <= MAX_BATCH_MESSAGES,
+        f"must be from 1 to {MAX_BATCH_MESSAGES}")
     max_batch_bytes: int = _default(
         MAX_BATCH_BYTES, lambda v: 1024 <= v <= MAX_BATCH_BYTES,
         f"must be from 1024 to {MAX_BATCH_BYTES}")

@@ -80,6 +80,8 @@ _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at
 _DELETE = "DELETE FROM outbox WHERE id = ?"
 _PROBE = "INSERT OR REPLACE INTO writable_probe (id, at) VALUES (1, ?)"
 PROBE_SECONDS = 1.0
+STATS_SECONDS = 5.0
+SLOW_STATS_SECONDS = 0.05
 _DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueued_at, failed_at,"
          " status, answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
@@ -104,6 +106,8 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._signals = {name: asyncio.Event() for name in self.upstreams}
+        self._stats: tuple[float, list[inventory.QueueStats]] | None = None
+        self._stats_conn: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
         """Opens (creating if needed) the database; raises sqlite3 errors for a bad file."""
@@ -136,9 +140,10 @@ class Outbox:
             self._wake.set()
             await self._task
             self._task = None
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        for conn in (self._reader, self._stats_conn):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._stats_conn = None
         await self._writer.close()
 
     def signal(self, upstream: str) -> asyncio.Event:
@@ -221,9 +226,17 @@ class Outbox:
         return int(row[0]) if row else 0
 
     async def stats(self) -> list[inventory.QueueStats]:
-        """What each upstream's queue holds now."""
-        assert self._reader is not None
-        return await inventory.stats(self._reader, self.upstreams)
+        """What each upstream's queue holds, on a connection of its own so the forwarders' reads
+        never wait behind it. With a large backlog the query takes a while and scrapers ask
+        often: an answer that was slow to get is reused for STATS_SECONDS."""
+        now = time.monotonic()
+        if self._stats is None or now > self._stats[0]:
+            if self._stats_conn is None:
+                self._stats_conn = await aiosqlite.connect(self.path, isolation_level=None)
+            fresh = await inventory.stats(self._stats_conn, self.upstreams)
+            took = time.monotonic() - now
+            self._stats = (now + (STATS_SECONDS if took > SLOW_STATS_SECONDS else 0.0), fresh)
+        return self._stats[1]
 
     async def _submit(self, statements: list[Statement]) -> None:
         if self._task is None or self._closing:

@@ -1,0 +1,1 @@
+"""Benchmarks of relay: `python bench/run.py` (against baselines) and `python bench/rules.py`."""

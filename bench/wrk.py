@@ -1,0 +1,128 @@
+"""Load from wrk (Debian's package), with a Lua script giving every message a unique messageId.
+
+The script counts the answers by status in a `response` hook and prints one JSON line from
+`done`, so the harness knows how many requests were answered 200 (and so how many messages the
+vendor must get) without reading wrk's text summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from bench.loads import AUTH, TS, USERS, RunResult, Shape
+from bench.services import Procs, apt_install
+
+THREADS = 2
+TIMEOUT = "10s"
+
+SCRIPT = r"""
+-- Unique messageIds: {tag}-w{thread}x{counter}-{i}; the B2B mix of bench/loads.py.
+local tag, path, per = "x", "/v1/track", 1
+local counter = 0
+local threads = {}
+ok, bad = 0, 0
+
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("tid", #threads)
+end
+
+function init(args)
+  tag, path, per = args[1], args[2], tonumber(args[3])
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = "@AUTH@"
+end
+
+local TRACK = '{%s"userId":"user-%d","event":"Report Viewed","messageId":"%s",'
+  .. '"timestamp":"@TS@","properties":{"report":"weekly","rows":%d},'
+  .. '"context":{"library":{"name":"analytics-python","version":"2.4.0"}}}'
+local IDENTIFY = '{"type":"identify","userId":"user-%d","messageId":"%s","timestamp":"@TS@",'
+  .. '"traits":{"email":"user-%d@customer.example","created_at":"2024-01-01"}}'
+local GROUP = '{"type":"group","userId":"user-%d","messageId":"%s","timestamp":"@TS@",'
+  .. '"groupId":"company-%d"}'
+
+local function message(n, id, typed)
+  local u = n % @USERS@
+  if typed and n % 50 == 0 then return string.format(IDENTIFY, u, id, u) end
+  if typed and n % 20 == 0 then return string.format(GROUP, u, id, n % 7) end
+  return string.format(TRACK, typed and '"type":"track",' or '', u, id, n)
+end
+
+function request()
+  counter = counter + 1
+  local prefix = tag .. "-w" .. tid .. "x" .. counter .. "-"
+  local n = counter * 7919 + tid
+  if per == 1 and path == "/v1/track" then
+    return wrk.format("POST", path, nil, message(n, prefix .. "0", false))
+  end
+  local parts = {}
+  for i = 1, per do parts[i] = message(n * per + i, prefix .. (i - 1), true) end
+  return wrk.format("POST", path, nil, '{"batch":[' .. table.concat(parts, ",") .. ']}')
+end
+
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1 else bad = bad + 1 end
+end
+
+function done(summary, latency, requests)
+  local okt, badt = 0, 0
+  for _, t in ipairs(threads) do okt = okt + t:get("ok"); badt = badt + t:get("bad") end
+  local e = summary.errors
+  io.write(string.format('BENCH {"ok": %d, "non200": %d, "requests": %d, "duration_us": %d, '
+    .. '"errors": %d, "p50_us": %d, "p99_us": %d, "max_us": %d}\n', okt, badt,
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+def binary(install: bool) -> str | None:
+    """wrk's path; Debian's package is installed first when allowed and it is missing."""
+    found = shutil.which("wrk")
+    if found is None and install:
+        apt_install("wrk")
+        found = shutil.which("wrk")
+    return found
+
+
+def script(workdir: Path) -> Path:
+    path = workdir / "bench.lua"
+    text = SCRIPT.replace("@AUTH@", AUTH).replace("@TS@", TS).replace("@USERS@", str(USERS))
+    path.write_text(text)
+    return path
+
+
+async def run(procs: Procs, wrk: str, target: str, url: str, *, shape: Shape, tag: str,
+              seconds: float, connections: int) -> RunResult:
+    """One wrk run of `seconds` against `url`; its figures as a RunResult."""
+    lua = procs.workdir / "bench.lua"
+    if not lua.exists():
+        script(procs.workdir)
+    threads = min(THREADS, connections)
+    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(round(seconds), 1)}s",
+            f"--timeout={TIMEOUT}", "-s", str(lua), url, "--", tag, shape.path,
+            str(shape.per_request)]
+    proc = procs.start(f"wrk-{tag}", argv)
+    try:
+        await asyncio.to_thread(proc.popen.wait, seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.popen.send_signal(signal.SIGINT)
+        raise RuntimeError(f"wrk against {target} did not finish:\n{proc.tail()}") from None
+    finally:
+        procs.stop(proc)
+    return parse(target, shape, tag, proc.log.read_text(errors="replace"))
+
+
+def parse(target: str, shape: Shape, tag: str, output: str) -> RunResult:
+    for line in output.splitlines():
+        if line.startswith("BENCH "):
+            got = json.loads(line[6:])
+            return RunResult(target, shape.per_request, got["duration_us"] / 1e6, got["ok"],
+                             got["non200"], got["errors"], got["p50_us"] / 1e6,
+                             got["p99_us"] / 1e6, got["max_us"] / 1e6, tag)
+    raise RuntimeError(f"wrk printed no result against {target}:\n{output[-2000:]}")

@@ -162,6 +162,11 @@ def _details(figure: Figure) -> list[str]:
             *[f"| {label} | {value} |" for label, value in figure.details]]
 
 
+# What the profiles show is in the way of the targets missed: kept by hand beside the harness,
+# as it is a reading of py-spy output, not a figure the run can measure.
+PROFILE = Path(__file__).resolve().parent / "profile.md"
+
+
 def markdown(figures: dict[str, Figure], info: dict[str, list[tuple[str, str]]],
              notes: list[str], chart: str | None, quick: bool) -> str:
     lines = ["# relay benchmark results", ""]
@@ -177,6 +182,8 @@ def markdown(figures: dict[str, Figure], info: dict[str, list[tuple[str, str]]],
         for v in targets(figures):
             verdict = "n/a" if v.passed is None else "pass" if v.passed else f"FAIL: {v.gap}"
             lines.append(f"| {v.target} | {v.measured} | {verdict} |")
+    if not quick and PROFILE.exists():
+        lines += ["", PROFILE.read_text().strip()]
     if chart:
         lines += ["", f"![relay ÷ baselines]({chart})"]
     for figure in figures.values():

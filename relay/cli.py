@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="relay", description="A gateway for Segment-protocol analytics: it accepts what the"
+        " SDKs send, applies the rules of one YAML file, stores every message in SQLite and"
+        " forwards it in batches to each vendor.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     default = os.environ.get("RELAY_CONFIG", config.DEFAULT_PATH)
     commands = {}

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from relay import report
+from relay import address, cdn, cors, protocol, report
 from relay.capacity import Capacity
 from relay.config import Config
 from relay.forwarder import Forwarder
@@ -36,7 +36,8 @@ class Relay:
         self.state = SqliteState(config.storage.path, config.storage.cache_size)
         self.metrics = Metrics()
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
-                             self.state, self.outbox, self.metrics)
+                             self.state, self.outbox, self.metrics,
+                             body_seconds=config.limits.body_seconds)
         self.forwarders: list[Forwarder] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -139,12 +140,30 @@ def build(config: Config, middlewares: Sequence[Any] = ()) -> web.Application:
     app[RELAY] = relay
     app.cleanup_ctx.append(relay.lifecycle)
     app.add_routes(relay.ingest.routes())
+    _add_browser_parts(app, relay)
     app.add_routes([web.get("/healthz", _healthz), web.get("/readyz", _readyz),
                     web.get("/metrics", _metrics)])
     if config.admin.token:
         app.add_routes([web.get("/admin/report", _admin_report),
                         web.get("/admin/queue", _admin_queue)])
     return app
+
+
+def _add_browser_parts(app: web.Application, relay: Relay) -> None:
+    """CORS on the inbound routes, the client address behind proxies, and the first-party CDN
+    routes when an upstream has a `cdn_url` (the first such upstream serves them)."""
+    config = relay.config
+    proxies = address.Proxies(config.trusted_proxies)
+    app[address.PROXIES] = proxies
+    paths = [route.path for route in protocol.routes()]
+    origin = next((u for u in config.upstreams if u.cdn_url), None)
+    policy = cors.Cors(config.cors, paths, cdn.PREFIXES if origin else ())
+    app.add_routes(policy.routes())
+    app.on_response_prepare.append(policy.on_prepare)
+    if origin is not None:
+        served = cdn.Cdn(origin, proxies, config.public_host, lambda: relay.ingest.write_keys)
+        app.add_routes(served.routes())
+        app.on_cleanup.append(served.close)
 
 
 def _authorized(request: web.Request) -> bool:

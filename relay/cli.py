@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from relay import config, logs, queue_commands, report, server, trial
+from relay import config, logs, queue_commands, report, salvage, server, trial
 from relay.protocol import PayloadError
 
 EXIT_CONFIG = config.EXIT_INVALID
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         ("check", _check, "validate a config file and exit"),
         ("try", _try, "show what the rules do to a payload; stores, sends and remembers nothing"),
         ("report", _report, "users in several groups, internal users seen, rule counts"),
+        ("salvage", _salvage, "copy what is readable of a damaged database into a new file"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("--config", default=default,
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     commands["try"].add_argument("--route", help="the path it is sent to, e.g. /v1/t (default:"
                                  " /v1/batch for a batch, else /v1/<type>)")
     commands["report"].add_argument("--json", action="store_true", help="print JSON")
+    commands["salvage"].add_argument("--to", required=True, metavar="NEW",
+                                     help="the new database file to write (must not exist)")
     log_format = os.environ.get("RELAY_LOG_FORMAT", "human")
     commands["serve"].add_argument(
         "--log-format", choices=("human", "json"),
@@ -104,6 +107,22 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _salvage(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    try:
+        copied = salvage.salvage(loaded.storage.path, args.to)
+    except salvage.SalvageError as exc:
+        print(f"relay salvage: {exc}", file=sys.stderr)
+        return 1
+    for table, rows in copied.items():
+        print(f"{table}: {rows} row(s)")
+    print(f"{loaded.storage.path} is unchanged. To run on what was saved: stop relay, move"
+          f" {loaded.storage.path} aside (keep it), move {args.to} to {loaded.storage.path}.")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     loaded = config.load_or_print(args.config)
     if loaded is None:
@@ -113,9 +132,10 @@ def _serve(args: argparse.Namespace) -> int:
         server.run(loaded)
     except sqlite3.DatabaseError as exc:
         print(f"relay: cannot open storage {loaded.storage.path}: {exc}\n"
-              "  Nothing was changed. Keep a copy of the file; then either salvage it"
-              " (sqlite3 FILE '.recover' | sqlite3 NEW.db, and point storage.path at NEW.db)"
-              " or move it away to start with an empty queue.", file=sys.stderr)
+              "  Nothing was changed. Keep a copy of the file; then either copy what is still"
+              f" readable into a new file (relay salvage --config {args.config} --to NEW.db) and"
+              " move that into place, or move the file away to start with an empty queue.",
+              file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"relay: cannot listen on {loaded.listen}: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from relay import ruleset, schema, yamlsource
+from relay import address, cors, ruleset, schema, yamlsource
 from relay.pipeline import Step
 from relay.schema import FieldError
 
@@ -48,6 +48,11 @@ def _listen_ok(value: str) -> bool:
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
+def _public_host_ok(value: str) -> bool:
+    return re.fullmatch(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/[\w.~/-]*)?",
+                        value) is not None
+
+
 def _url_ok(value: str) -> bool:
     url = urlsplit(value)
     return url.scheme in ("http", "https") and bool(url.hostname)
@@ -74,6 +79,24 @@ class Admin:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on inbound connections, so that slow or too many clients cannot starve the rest."""
+
+    max_connections: int = _default(1000, lambda v: v >= 1, "must be at least 1")
+    header_seconds: float = _positive(20.0)
+    body_seconds: float = _positive(30.0)
+
+
+@dataclass(frozen=True)
+class Cors:
+    """Which pages (origins) may send events from a browser, and how long a preflight holds."""
+
+    allow_origins: tuple[str, ...] = dataclasses.field(
+        default=("*",), metadata={"check": cors.invalid})
+    max_age_seconds: int = _default(86400, lambda v: v >= 0, "must be 0 or more")
+
+
+@dataclass(frozen=True)
 class Upstream:
     """One vendor that receives every accepted message, through its own queue."""
 
@@ -94,6 +117,10 @@ class Upstream:
     backoff_initial_seconds: float = _positive(0.5)
     backoff_max_seconds: float = _positive(60.0)
     pause_seconds: float = _positive(60.0)
+    cdn_url: str = _default("", lambda v: v == "" or _url_ok(v),
+                            "must be empty or an http:// or https:// URL, like "
+                            "https://cdn.segment.com")
+    cdn_cache_seconds: float = _positive(300.0)
 
     def __post_init__(self) -> None:
         if self.backoff_max_seconds < self.backoff_initial_seconds:
@@ -112,6 +139,12 @@ class Config:
     shutdown_grace_seconds: float = _default(5.0, lambda v: v >= 0, "must be 0 or more")
     on_rule_error: Literal["pass", "drop"] = "pass"
     admin: Admin = Admin()
+    cors: Cors = Cors()
+    trusted_proxies: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"check": address.invalid})
+    public_host: str = _default("", lambda v: v == "" or _public_host_ok(v),
+                                "must be empty or host[:port][/path], like www.example.com/t")
+    limits: Limits = Limits()
     rules: tuple[Step, ...] = dataclasses.field(default=(), metadata={"yaml": False})
     file: str = dataclasses.field(default="", metadata={"yaml": False})
     warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})

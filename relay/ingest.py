@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from relay import clock, protocol
+from relay import address, clock, protocol
 from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox, StorageError
 from relay.pipeline import Pipeline, RuleContext
@@ -23,7 +23,6 @@ from relay.state import SqliteState
 log = logging.getLogger("relay.ingest")
 
 OK = b'{"success": true}'
-BODY_SECONDS = 30.0
 STORAGE_RETRY_AFTER = "5"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -43,12 +42,13 @@ class Ingest:
     """Turns SDK requests into stored messages; one handler per route of `protocol.routes()`."""
 
     def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, state: SqliteState,
-                 outbox: Outbox, metrics: Metrics) -> None:
+                 outbox: Outbox, metrics: Metrics, *, body_seconds: float) -> None:
         self.write_keys = frozenset(write_keys)
         self.pipeline = pipeline  # replaced whole on reload; a request keeps the one it began with
         self.state = state
         self.outbox = outbox
         self.metrics = metrics
+        self.body_seconds = body_seconds
 
     def routes(self) -> list[web.RouteDef]:
         """A POST route for every inbound path."""
@@ -73,7 +73,7 @@ class Ingest:
 
     async def accept(self, request: web.Request, route: Route) -> None:
         """Reads, checks and stores one request's messages; raises PayloadError to refuse it."""
-        raw = await read_body(request)
+        raw = await read_body(request, self.body_seconds)
         if route.metrics:
             return
         payload = protocol.decode(raw)
@@ -86,8 +86,9 @@ class Ingest:
             if index is not None:
                 raise PayloadError(413, "message_too_large",
                                    f"message {index} is over {protocol.MAX_MESSAGE_BYTES} bytes")
+        remote = address.client(request)  # the browser's, also behind trusted proxies
         try:
-            entries, counts, tally = await self.process(items, top, route, request.remote)
+            entries, counts, tally = await self.process(items, top, route, remote)
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
@@ -137,7 +138,7 @@ class Ingest:
         return entries, counts, tally
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, seconds: float) -> bytes:
     """The body, decompressed; 413 as soon as it passes the limit, 408 when it is too slow."""
     limit = protocol.MAX_REQUEST_BYTES
     if request.content_length is not None and request.content_length > limit:
@@ -149,14 +150,14 @@ async def read_body(request: web.Request) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(BODY_SECONDS):
+        async with asyncio.timeout(seconds):
             async for chunk in request.content.iter_chunked(64 * 1024):
                 size += len(chunk)
                 if size > limit:
                     raise PayloadError(413, "request_too_large", f"body is over {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise PayloadError(408, "body_timeout", f"body not read within {BODY_SECONDS}s") from None
+        raise PayloadError(408, "body_timeout", f"body not read within {seconds}s") from None
     except (HttpProcessingError, RequestPayloadError) as exc:
         detail = str(exc).strip().splitlines()[-1].strip()
         raise PayloadError(400, "invalid_body", f"cannot read body: {detail}") from None

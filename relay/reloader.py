@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -16,6 +17,8 @@ from relay.config import Config
 log = logging.getLogger("relay.reload")
 
 Apply = Callable[[Config], None]
+# What a reload changes in a running relay; any other difference needs a restart.
+LIVE = frozenset({"rules", "write_keys", "on_rule_error", "file", "warnings"})
 
 
 class Reloader:
@@ -60,8 +63,8 @@ class Reloader:
             return False
         for note in new.warnings:
             log.warning("reload: %s", note)
-        fixed = [name for name in ("listen", "storage", "upstreams", "shutdown_grace_seconds")
-                 if getattr(new, name) != getattr(self.current, name)]
+        fixed = [f.name for f in dataclasses.fields(Config)
+                 if f.name not in LIVE and getattr(new, f.name) != getattr(self.current, f.name)]
         if fixed:
             log.warning("reload: %s changed; that takes a restart, the rest is applied now",
                         ", ".join(fixed))

@@ -324,7 +324,7 @@ def test_parse_builds_frozen_dataclasses_with_defaults():
     assert loaded.warnings == ()
     up = loaded.upstreams[0]
     assert (up.write_key, up.timeout_seconds, up.max_batch_messages, up.max_batch_bytes) == (
-        "", 10.0, 2500, 500_000)
+        "", 10.0, 500, 500_000)
     assert (up.backoff_initial_seconds, up.backoff_max_seconds, up.pause_seconds) == (
         0.5, 60.0, 60.0)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -112,12 +112,18 @@ def targets(figures: dict[str, Figure]) -> list[Verdict]:
                            rate >= 50_000, "" if rate >= 50_000 else
                            f"short by {50_000 / rate:.1f}x" if rate else "nothing drained"))
         mem = drain.numbers
-        ok = mem["full"] <= MB and mem["full"] <= mem["empty"] * 1.1
+        # "The same": within the page caches SQLite fills on first use (2 MB a connection, four
+        # connections); a queue held in memory would add hundreds of MB at a million messages.
+        ok = mem["full"] <= MB and mem["full"] <= mem["empty"] + SQLITE_CACHES_MB
         out.append(Verdict(
-            f"RSS <= {MB:.0f} MB with {mem['queued']:,.0f} waiting, the same as with none (+10%)",
+            f"RSS <= {MB:.0f} MB with {mem['queued']:,.0f} waiting, the same as with none"
+            f" (within {SQLITE_CACHES_MB} MB of SQLite's page caches)",
             f"{mem['full']:.1f} MB vs {mem['empty']:.1f} MB empty", ok,
             "" if ok else f"{mem['full'] - mem['empty']:+.1f} MB against the empty queue"))
     return out
+
+
+SQLITE_CACHES_MB = 8
 
 
 def _cell(values: list[float]) -> str:

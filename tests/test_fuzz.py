@@ -61,7 +61,7 @@ headers = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def relay_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+def relay_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path, int]]:
     """relay as its own process, its upstream unreachable so every accepted row stays put."""
     base = tmp_path_factory.mktemp("fuzz")
     port, db = free_port(), base / "relay.db"
@@ -80,7 +80,7 @@ def relay_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[in
                     break
             except OSError:
                 time.sleep(0.1)
-        yield port, db
+        yield port, db, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -106,7 +106,7 @@ def rows(db: Path) -> int:
 @given(path=st.sampled_from(PATHS), body=bodies, hdrs=headers, zipped=st.booleans())
 def test_random_requests_never_5xx(relay_process, path, body, hdrs, zipped):
     """Any body, path and headers: never a 5xx, relay stays up, a refusal stores nothing."""
-    port, db = relay_process
+    port, db, _ = relay_process
     if zipped and hdrs.get("Content-Encoding") == "gzip":
         body = gzip.compress(body)
     before = rows(db)
@@ -115,3 +115,50 @@ def test_random_requests_never_5xx(relay_process, path, body, hdrs, zipped):
     if status != 200:
         assert rows(db) == before
     assert status_of(port, "GET", "/healthz") == 200
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+TINY = b'{"type":"track","userId":"u","event":"e"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "hdrs", "status", "stored"),
+    [
+        (b'{"batch":[' + b",".join([b"{}"] * 20_000) + b"]}", {}, 200, 0),
+        (b'{"batch":[' + b",".join([TINY] * 20_000) + b"]}", {}, 413, 0),
+        (b'{"userId":"u","event":"e","properties":{"n":' + b"9" * 5000 + b"}}", {}, 400, 0),
+        (b'{"userId":"u","event":"e","properties":{"n":1e308,"m":-1e-308}}', {}, 200, 1),
+        (b'{"userId":"u","event":"e","properties":{"s":"' + b"x" * 400_000 + b'"}}', {}, 413, 0),
+        (b'{"userId":"u","event":"e","p":' + b"[" * 3000 + b"]" * 3000 + b"}", {}, 400, 0),
+        (gzip.compress(b" " * 50_000_000), {"Content-Encoding": "gzip"}, 413, 0),
+        (b"\xff\xfe\x00{", {}, 400, 0),
+        (TINY, {"Authorization": "Basic " + "A" * 7000}, 400, 0),
+        (TINY, {"Authorization": "Basic \u00e9\u00e9"}, 400, 0),
+        (TINY, {"Content-Type": "multipart/form-data; boundary=x"}, 200, 1),
+    ],
+    ids=["20k-empty-items", "20k-items-over-500KB", "5000-digit-number", "extreme-floats",
+         "400KB-string", "3000-deep", "gzip-bomb-50MB", "invalid-utf8", "7000-char-auth",
+         "latin1-auth", "odd-content-type"],
+)
+def test_extreme_inputs_get_clear_answers(relay_process, body, hdrs, status, stored):
+    """The extremes of issue 6 get the answer named here, and only a 200 stores anything."""
+    port, db, _ = relay_process
+    before = rows(db)
+    assert status_of(port, "POST", "/v1/batch" if body.startswith(b'{"batch"') else "/v1/track",
+                     body, hdrs) == status
+    assert rows(db) - before == stored
+    assert status_of(port, "GET", "/healthz") == 200
+
+
+def test_memory_stays_bounded_after_the_fuzzing(relay_process):
+    """After every fuzzed and extreme request above, relay's resident memory is still small."""
+    port, _, pid = relay_process
+    assert status_of(port, "GET", "/healthz") == 200
+    assert rss_mb(pid) < 150, f"relay holds {rss_mb(pid):.0f} MB after the fuzzing"

@@ -41,7 +41,7 @@ def iso(moment: datetime) -> str:
 def corrected(timestamp: Any, sent_at: datetime | None, received_at: datetime) -> str | None:
     """The event time with the client's clock skew removed, or None to leave it as sent.
 
-    Segment's formula (protocol.md §1.8): `timestamp = receivedAt - (sentAt - timestamp)`. Applied
+    Segment's documented formula: `timestamp = receivedAt - (sentAt - timestamp)`. Applied
     at receive time, so hours spent in the outbox never shift the event.
     """
     if timestamp is None:

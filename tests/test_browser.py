@@ -29,7 +29,7 @@ missing = [what for what, ok in (
 pytestmark = pytest.mark.skipif(bool(missing), reason="browser tests need " + ", ".join(missing))
 
 # Each SDK loaded from node_modules, its settings given inline (no CDN), its host set the one
-# way that works for it (docs: protocol.md 3.6, 3.7); then identify, group and track, in order.
+# way that works for it; then identify, group and track, in order.
 PAGE = """<!doctype html><html><head><title>relay {sdk}</title></head><body>
 <script src="{bundle}"></script>
 <script>

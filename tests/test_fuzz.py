@@ -148,7 +148,7 @@ TINY = b'{"type":"track","userId":"u","event":"e"}'
          "latin1-auth", "odd-content-type"],
 )
 def test_extreme_inputs_get_clear_answers(relay_process, body, hdrs, status, stored):
-    """The extremes of issue 6 get the answer named here, and only a 200 stores anything."""
+    """Extreme inputs get the answer named here, and only a 200 stores anything."""
     port, db, _ = relay_process
     before = rows(db)
     assert status_of(port, "POST", "/v1/batch" if body.startswith(b'{"batch"') else "/v1/track",

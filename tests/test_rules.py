@@ -24,7 +24,7 @@ UPSTREAM = 'upstreams: [{name: u, kind: segment, url: "http://127.0.0.1:9"}]\n'
 HASH_KEY = "a-test-secret-of-32-characters!!"
 INTERNAL = Drop("internal_user")
 
-# The B2B rules as design.md §4 orders them, and drop_internal_users on its own.
+# The B2B rules in the order the shipped config uses, and drop_internal_users on its own.
 B2B = ("[{type: one_group_per_user},"
        " {type: drop_internal_users, email_domains: [acme.io], user_ids: [staff-7],"
        " own_groups: [acme-hq]}]")
@@ -427,7 +427,7 @@ ONE_GROUP_CASES = [
 @pytest.mark.parametrize(("rules", "steps"), ONE_GROUP_CASES)
 async def test_one_group_per_user(rules: str, steps: list[tuple[Message, Expected]],
                                   state: SqliteState) -> None:
-    """`one_group_per_user` remembers the latest group per user and injects it (design.md §5)."""
+    """`one_group_per_user` remembers the latest group per user and injects it."""
     await play(rules, state, steps)
 
 
@@ -536,7 +536,7 @@ OWN_GROUP_CASES = [
 @pytest.mark.parametrize(("rules", "steps"), DETECTION_CASES + OWN_GROUP_CASES)
 async def test_drop_internal_users(rules: str, steps: list[tuple[Message, Expected]],
                                    state: SqliteState) -> None:
-    """`drop_internal_users` finds, remembers and drops staff outside own_groups (design.md §5)."""
+    """`drop_internal_users` finds, remembers and drops staff outside own_groups."""
     await play(rules, state, steps)
 
 

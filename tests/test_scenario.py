@@ -1,6 +1,6 @@
 """The B2B rules end to end: the vendor's "users belonging to multiple companies" warning fixed
 through the real segment-analytics-python SDK and a running relay; restart, reload, `relay try`
-and `relay report` (issue 3, design.md §1 and §5)."""
+and `relay report`."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 import yaml
 from fakes import FakeUpstream, Reply, free_port
+from processes import AUTH, Load, RelayProcess, acks_grow, clean_env, wait_delivered
 from prometheus_client.parser import text_string_to_metric_families
-from test_process import AUTH, Load, RelayProcess, acks_grow, clean_env, wait_delivered
 
 UNRESOLVABLE = "http://relay-test.invalid:9"  # .invalid never resolves (RFC 2606)
 KILLS = 20

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fakes import FakeUpstream, Reply, free_port
+from processes import wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
 # ---------------------------------------------------------------------------------------------
@@ -197,20 +198,7 @@ class RelayProcess:
     async def wait_ready(self, seconds: float = READY_SECONDS) -> None:
         """Polls /readyz until 200; fails with the log when the child exits or never is."""
         assert self.proc is not None
-        deadline = time.monotonic() + seconds
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"relay exited {self.proc.returncode} while starting:\n"
-                                f"{self.log()}")
-                try:
-                    async with client.get(self.url + "/readyz") as resp:
-                        if resp.status == 200:
-                            return
-                except (aiohttp.ClientError, OSError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.05)
-        pytest.fail(f"relay not ready within {seconds}s:\n{self.log()}")
+        await wait_ready(self.proc, self.url, self.log, seconds)
 
     async def stop(self, seconds: float = 8.0) -> int | None:
         """SIGTERM, then the exit status (None if it is still running after `seconds`)."""

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fakes import FakeUpstream
-from test_process import clean_env
+from processes import clean_env
 
 UPSTREAM_KEY = "SECRET-KEY-1234567890"
 ADMIN_TOKEN = "ADMIN-TOKEN-0123456789abcdef"

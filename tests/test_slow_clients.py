@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fakes import FakeUpstream, free_port
-from test_process import AUTH, RelayProcess
+from processes import AUTH, RelayProcess
 
 HEADER_SECONDS = 2.0
 BODY_SECONDS = 3.0

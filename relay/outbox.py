@@ -175,10 +175,6 @@ class Outbox:
             for event in self._signals.values():
                 event.set()
 
-    async def count(self, counts: Counter[str]) -> None:
-        """Adds `counts` to the durable counters."""
-        await self._submit([(_COUNT, list(counts.items()))])
-
     async def next_batch(
         self, upstream: str, max_messages: int, max_bytes: int, by_key: bool
     ) -> list[Pending]:

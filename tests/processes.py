@@ -22,15 +22,15 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(b"WK:").decode()}
 READY_SECONDS = 10.0
 
 
-async def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Callable[[], str],
+async def wait_ready(exit_code: Callable[[], int | None], url: str, log: Callable[[], str],
                      seconds: float = READY_SECONDS) -> None:
-    """Polls GET /readyz until it answers 200; fails with the log if the child exits first or
-    it never does."""
+    """Polls GET /readyz until it answers 200; fails with the log if the child exits first
+    (`exit_code()` is no longer None) or it never does."""
     deadline = time.monotonic() + seconds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"relay exited {proc.returncode} while starting:\n{log()}")
+            if (code := exit_code()) is not None:
+                pytest.fail(f"relay exited {code} while starting:\n{log()}")
             try:
                 async with http.get(url + "/readyz") as resp:
                     if resp.status == 200:
@@ -102,7 +102,7 @@ class RelayProcess:
     async def wait_ready(self, seconds: float = READY_SECONDS) -> None:
         """Polls GET /readyz until it answers 200; fails with the log if it never does."""
         assert self.proc is not None
-        await wait_ready(self.proc, self.url, self.output, seconds)
+        await wait_ready(self.proc.poll, self.url, self.output, seconds)
 
     async def wait_exit(self, seconds: float) -> int | None:
         """The exit status, or None if still running after `seconds`."""

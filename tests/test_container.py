@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import aiohttp
 import pytest
 import yaml
 from fakes import FakeUpstream, free_port
+from processes import wait_ready
 
 from relay import config
 
@@ -329,23 +329,6 @@ def output(log: Path) -> str:
     return log.read_text(errors="replace")
 
 
-async def wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-    """Polls GET /readyz until it answers 200; fails with relay's output otherwise."""
-    deadline = time.monotonic() + READY_SECONDS
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                pytest.fail(f"relay exited {proc.returncode} while starting:\n{output(log)}")
-            try:
-                async with http.get(url + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-    pytest.fail(f"relay not ready within {READY_SECONDS}s:\n{output(log)}")
-
-
 def check_layout(image: Image, built: Built) -> None:
     """What the image promises besides starting: config and database where it says, a non-root
     user, and the exposed port being the one relay listens on by default."""
@@ -380,7 +363,7 @@ async def test_image_command_serves_passes_healthcheck_and_stops_on_sigterm(
             stdout=out, stderr=asyncio.subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(url, proc, log)
+        await wait_ready(lambda: proc.returncode, url, lambda: output(log), READY_SECONDS)
         assert await run_healthcheck(built, env) == 0, output(log)
         sdk_auth = {"Authorization": "Basic " + base64.b64encode(b"sdk-key:").decode()}
         track = {"userId": "u1", "event": "Container Started", "messageId": "container-1"}

@@ -198,7 +198,7 @@ class RelayProcess:
     async def wait_ready(self, seconds: float = READY_SECONDS) -> None:
         """Polls /readyz until 200; fails with the log when the child exits or never is."""
         assert self.proc is not None
-        await wait_ready(self.proc, self.url, self.log, seconds)
+        await wait_ready(self.proc.poll, self.url, self.log, seconds)
 
     async def stop(self, seconds: float = 8.0) -> int | None:
         """SIGTERM, then the exit status (None if it is still running after `seconds`)."""

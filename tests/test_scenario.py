@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 import yaml
 from fakes import FakeUpstream, free_port
+from processes import wait_ready
 from segment.analytics.client import Client as SegmentClient
 
 from relay import cli
@@ -322,22 +323,6 @@ async def post_batch(url: str, batch: list[dict[str, Any]]) -> None:
         assert (resp.status, await resp.json()) == (200, {"success": True})
 
 
-async def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Polls GET /readyz until 200; fails with the log if relay exits or never gets ready."""
-
-    async def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"relay exited {proc.returncode}:\n{read(log)}")
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http, \
-                    http.get(url + "/readyz") as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
-
-    await until(ready, "relay ready")
-
-
 def serve(path: Path, log: Path) -> subprocess.Popen[bytes]:
     """`python -m relay serve --config path` as a child process, its stdout and stderr in `log`."""
     with log.open("wb") as out:
@@ -382,7 +367,7 @@ async def test_sighup_reloads_rules_and_an_invalid_file_keeps_them(upstream, wri
     url, log = f"http://127.0.0.1:{port}", tmp_path / "relay.log"
     proc = serve(path, log)
     try:
-        await wait_ready(proc, url, log)
+        await wait_ready(proc.poll, url, lambda: read(log))
 
         async def delivered(count: int) -> list[dict[str, Any]]:
             await upstream.wait_for(count, seconds=WAIT)

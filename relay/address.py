@@ -58,10 +58,13 @@ class Proxies:
         """The client's address: the peer's, or, when the peer is a trusted proxy, the
         right-most X-Forwarded-For entry that is not itself one (the left-most entries are
         whatever the client chose to send, so only those the proxies appended are believed)."""
-        peer = request.remote
+        return self.client_of(request.remote, request.headers.getall("X-Forwarded-For", ()))
+
+    def client_of(self, peer: str | None, forwarded: Iterable[str]) -> str | None:
+        """`client` from the peer's address and the X-Forwarded-For header values."""
         if not self.trusts(peer):
             return peer
-        hops = [h for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+        hops = [h for v in forwarded for h in v.split(",")]
         nearest = peer
         for hop in reversed(hops):
             address = _ip(hop)

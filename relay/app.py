@@ -119,6 +119,7 @@ async def _supervised(forwarder: Forwarder) -> None:
 
 
 RELAY = web.AppKey("relay", Relay)
+CORS = web.AppKey("cors", cors.Cors)
 
 # Passed to aiohttp's server. Its lingering close (the default) stays on: after an early 413 it
 # reads and discards the rest of the body, so the client sees the answer rather than a reset,
@@ -158,6 +159,7 @@ def _add_browser_parts(app: web.Application, relay: Relay) -> None:
     paths = [route.path for route in protocol.routes()]
     origin = next((u for u in config.upstreams if u.cdn_url), None)
     policy = cors.Cors(config.cors, paths, cdn.PREFIXES if origin else ())
+    app[CORS] = policy
     app.add_routes(policy.routes())
     app.on_response_prepare.append(policy.on_prepare)
     if origin is not None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # analytics.js sends it on every call, so a wildcard would fail every preflight.
 ALLOW_HEADERS = "Content-Type, Authorization, X-Retry-Count"
 ALLOW_METHODS = "POST, OPTIONS"
+_ANY = (("Access-Control-Allow-Origin", "*"),)
 
 
 def invalid(origins: Iterable[str]) -> str | None:
@@ -68,6 +69,14 @@ class Cors:
         if origin is not None and normalized(origin) in self.origins:
             return origin
         return None
+
+    def headers_for(self, origin: str | None) -> tuple[tuple[str, str], ...]:
+        """What `on_prepare` adds to an answer on an event route, for a request from `origin`."""
+        if self.any:
+            return _ANY
+        if origin is not None and normalized(origin) in self.origins:
+            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+        return (("Vary", "Origin"),)
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """`on_response_prepare` hook: every answer on relay's browser paths, errors included

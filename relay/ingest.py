@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -28,9 +30,30 @@ STORAGE_RETRY_AFTER = "5"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    """An error answer as every SDK logs it: `{"code", "message"}`."""
-    return web.json_response({"code": code, "message": message}, status=status, headers=headers)
+@dataclass(frozen=True)
+class Answer:
+    """What an SDK request is answered: status, JSON body, extra headers."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def error(status: int, code: str, message: str, **headers: str) -> Answer:
+        """An error answer as every SDK logs it: `{"code", "message"}`."""
+        body = json.dumps({"code": code, "message": message}).encode()
+        return Answer(status, body, tuple(headers.items()))
+
+    def with_headers(self, extra: tuple[tuple[str, str], ...]) -> Answer:
+        return Answer(self.status, self.body, self.headers + extra) if extra else self
+
+    def response(self) -> web.Response:
+        """As aiohttp's response."""
+        return web.Response(status=self.status, body=self.body, headers=dict(self.headers),
+                            content_type="application/json")
+
+
+OK_ANSWER = Answer(200, OK)
 
 
 def mask(key: str) -> str:
@@ -56,29 +79,44 @@ class Ingest:
 
     def _handler(self, route: Route) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            started = time.perf_counter()
             try:
-                await self.accept(request, route)
-                response = web.Response(body=OK, content_type="application/json")
+                raw = await read_body(request, self.body_seconds)
             except PayloadError as exc:
-                response = error(exc.status, exc.code, exc.message)
-            except StorageError as exc:
-                response = error(503, "storage_unavailable", f"cannot store messages: {exc}",
-                                 **{"Retry-After": STORAGE_RETRY_AFTER})
-            self.metrics.answered(route.path, response.status)
-            self.metrics.ingest_seconds.observe(time.perf_counter() - started)
-            return response
+                self.metrics.answered(route.path, exc.status)
+                return Answer.error(exc.status, exc.code, exc.message).response()
+            answer = await self.answer(route, raw, request.headers.get("Content-Encoding", ""),
+                                       request.headers.get("Authorization"),
+                                       address.client(request))
+            return answer.response()
 
         return handle
 
-    async def accept(self, request: web.Request, route: Route) -> None:
-        """Reads, checks and stores one request's messages; raises PayloadError to refuse it."""
-        raw = await read_body(request, self.body_seconds)
+    async def answer(self, route: Route, raw: bytes, encoding: str, authorization: str | None,
+                     remote: str | None) -> Answer:
+        """The answer to one SDK request whose body (as sent) has been read whole: 200 only
+        once its messages are committed."""
+        started = time.perf_counter()
+        try:
+            await self.accept(route, raw, encoding, authorization, remote)
+            answer = OK_ANSWER
+        except PayloadError as exc:
+            answer = Answer.error(exc.status, exc.code, exc.message)
+        except StorageError as exc:
+            answer = Answer.error(503, "storage_unavailable", f"cannot store messages: {exc}",
+                                  **{"Retry-After": STORAGE_RETRY_AFTER})
+        self.metrics.answered(route.path, answer.status)
+        self.metrics.ingest_seconds.observe(time.perf_counter() - started)
+        return answer
+
+    async def accept(self, route: Route, raw: bytes, encoding: str, authorization: str | None,
+                     remote: str | None) -> None:
+        """Checks and stores one request's messages; raises PayloadError to refuse it."""
         if route.metrics:
             return
+        raw = protocol.decompress(raw, encoding, protocol.MAX_REQUEST_BYTES)
         payload = protocol.decode(raw)
         items, top = protocol.envelope(payload, route)
-        key = protocol.write_key(request.headers.get("Authorization"), top)
+        key = protocol.write_key(authorization, top)
         if self.write_keys and key not in self.write_keys:
             raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
         if len(raw) > protocol.MAX_MESSAGE_BYTES:
@@ -86,7 +124,6 @@ class Ingest:
             if index is not None:
                 raise PayloadError(413, "message_too_large",
                                    f"message {index} is over {protocol.MAX_MESSAGE_BYTES} bytes")
-        remote = address.client(request)  # the browser's, also behind trusted proxies
         try:
             entries, counts, tally = await self.process(items, top, route, remote)
         except RecursionError:
@@ -139,14 +176,13 @@ class Ingest:
 
 
 async def read_body(request: web.Request, seconds: float) -> bytes:
-    """The body, decompressed; 413 as soon as it passes the limit, 408 when it is too slow."""
+    """The body as sent; 413 as soon as it passes the limit, 408 when it is too slow."""
     limit = protocol.MAX_REQUEST_BYTES
     if request.content_length is not None and request.content_length > limit:
         raise PayloadError(413, "request_too_large", f"request body is over {limit} bytes")
     if request.content.is_eof() and request.content_length is not None:
         # The whole body is already buffered: no reading to wait for, so no timer to arm.
-        raw = await request.content.read()
-        return protocol.decompress(raw, request.headers.get("Content-Encoding", ""), limit)
+        return await request.content.read()
     chunks: list[bytes] = []
     size = 0
     try:
@@ -161,5 +197,4 @@ async def read_body(request: web.Request, seconds: float) -> bytes:
     except (HttpProcessingError, RequestPayloadError) as exc:
         detail = str(exc).strip().splitlines()[-1].strip()
         raise PayloadError(400, "invalid_body", f"cannot read body: {detail}") from None
-    encoding = request.headers.get("Content-Encoding", "")
-    return protocol.decompress(b"".join(chunks), encoding, limit)
+    return b"".join(chunks)

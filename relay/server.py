@@ -17,7 +17,7 @@ try:
 except ImportError:  # Windows: it does not exist there
     uvloop = None  # type: ignore[assignment]
 
-from relay import app
+from relay import address, app, front
 from relay.config import Config, Limits
 
 log = logging.getLogger("relay")
@@ -31,6 +31,8 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
         % (len(_BUSY_BODY), _BUSY_BODY))
 # How long a refused connection stays open, its bytes discarded, for its client to read BUSY.
 BUSY_SECONDS = 1.0
+# How often slow request heads and bodies are looked for.
+SWEEP_SECONDS = 0.25
 
 
 class Refused(asyncio.Protocol):
@@ -72,7 +74,7 @@ class Connections:
 
 
 class Counted(asyncio.Protocol):
-    """aiohttp's own protocol for one connection, counted in `connections` while open."""
+    """One connection's protocol, counted in `connections` while open."""
 
     def __init__(self, inner: asyncio.Protocol, connections: Connections) -> None:
         self.inner = inner
@@ -97,23 +99,6 @@ class Counted(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.open -= 1
         self.inner.connection_lost(exc)
-
-
-class GuardedSite(web.TCPSite):
-    """A TCPSite whose every new connection passes through `Connections` first."""
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int,
-                 connections: Connections) -> None:
-        super().__init__(runner, host, port)
-        self.connections = connections
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site; TCPSite.start would listen
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: self.connections.protocol(server), self._host, self._port,
-            backlog=self._backlog)
 
 
 def server_options(limits: Limits) -> dict[str, Any]:
@@ -157,18 +142,88 @@ def run(config: Config) -> None:
         runner.run(serve(config))
 
 
+class Listener:
+    """relay's Application listening on host:port: each connection starts with a Front (SDK
+    posts), which hands anything else to aiohttp. Counted against limits.max_connections."""
+
+    def __init__(self, application: web.Application, config: Config) -> None:
+        self.application = application
+        self.config = config
+        self.runner = web.AppRunner(application, handle_signals=False, shutdown_timeout=1.0,
+                                    **server_options(config.limits))
+        self.server: asyncio.Server | None = None
+        self.door: front.Door | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, port: int | None = None) -> None:
+        """Opens storage and starts the forwarders (the Application's startup), then listens."""
+        await self.runner.setup()
+        relay = self.application[app.RELAY]
+        fallback = self.runner.server
+        assert fallback is not None
+        limits = self.config.limits
+        self.door = door = front.Door(
+            lambda: relay.ingest, fallback, self.application[app.CORS],
+            self.application[address.PROXIES], limits.header_seconds, limits.body_seconds)
+        connections = Connections(limits.max_connections)
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: connections.protocol(lambda: front.Front(door)), self.config.host,
+            self.config.port if port is None else port, backlog=128)
+        self._sweeper = asyncio.create_task(_sweep(door), name="sweep-connections")
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def drain(self, inflight: Inflight, seconds: float) -> None:
+        """Stops listening; waits up to `seconds` for requests in flight, in aiohttp and in
+        the Fronts, to be answered (their bodies still arrive)."""
+        if self.server is not None:
+            self.server.close()
+        door = self.door
+        if door is not None:
+            door.stopping = True
+        started = time.monotonic()
+        waits = [inflight.idle.wait()] + ([door.idle.wait()] if door is not None else [])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*waits), seconds)
+        left = inflight.count + (door.inflight if door is not None else 0)
+        if left:
+            log.warning("relay: %d request(s) still running after %.0fs; closing them",
+                        left, time.monotonic() - started)
+
+    async def close(self) -> None:
+        """Closes every connection, then the Application (storage, forwarders)."""
+        if self.server is not None:
+            self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.door is not None:
+            for connection in list(self.door.open):
+                connection.close()
+        await self.runner.cleanup()
+
+
+async def _sweep(door: front.Door) -> None:
+    """Cuts off connections whose request head or body is too slow (Front.sweep)."""
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        now = time.monotonic()
+        for connection in list(door.open):
+            connection.sweep(now)
+
+
 async def serve(config: Config) -> None:
     """Serves until a stop signal; then stops listening, lets requests in flight finish (their
     bodies still arrive, unlike in aiohttp's own shutdown), and stops the parts."""
     inflight = Inflight()
     application = app.build(config, middlewares=[inflight.middleware])
-    runner = web.AppRunner(application, handle_signals=False, shutdown_timeout=1.0,
-                           **server_options(config.limits))
-    await runner.setup()
+    listener = Listener(application, config)
     try:
-        site = GuardedSite(runner, config.host, config.port,
-                           Connections(config.limits.max_connections))
-        await site.start()
+        await listener.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,12 +231,6 @@ async def serve(config: Config) -> None:
         await stop.wait()
         log.info("relay: stopping; %d request(s) in flight", inflight.count)
         inflight.stopping = True
-        await site.stop()  # no new connections; open ones still deliver their bodies
-        started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(inflight.idle.wait(), DRAIN_SECONDS)
-        if inflight.count:
-            log.warning("relay: %d request(s) still running after %.0fs; closing them",
-                        inflight.count, time.monotonic() - started)
+        await listener.drain(inflight, DRAIN_SECONDS)
     finally:
-        await runner.cleanup()
+        await listener.close()

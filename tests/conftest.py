@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 from fakes import FakeUpstream
 
-from relay import app, config
+from relay import app, config, server
 
 # Requests captured from the real SDKs (method, path, headers, body), one JSON object a line.
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wire"
@@ -52,26 +51,31 @@ def write_config(tmp_path: Path) -> WriteConfig:
 
 
 class RunningRelay:
-    """relay's Application served on 127.0.0.1, started and stopped like `relay serve` does."""
+    """relay served on 127.0.0.1 by the same Listener as `relay serve`, on a free port."""
 
     def __init__(self, cfg: config.Config) -> None:
         self.config = cfg
-        self.server = TestServer(app.build(cfg), host="127.0.0.1")
+        self.application = app.build(cfg)
+        self.listener = server.Listener(self.application, cfg)
 
     @property
     def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
+        return f"http://127.0.0.1:{self.listener.port}"
 
     @property
     def relay(self) -> app.Relay:
-        return self.server.app[app.RELAY]  # type: ignore[index]
+        return self.application[app.RELAY]
 
     async def __aenter__(self) -> RunningRelay:
-        await self.server.start_server(**app.SERVER_OPTIONS)
+        try:
+            await self.listener.start(port=0)  # a free one
+        except BaseException:
+            await self.listener.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.server.close()
+        await self.listener.close()
 
 
 @pytest.fixture

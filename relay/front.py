@@ -1,0 +1,375 @@
+"""One client connection: SDK posts parsed by llhttp and answered here; the rest to aiohttp.
+
+aiohttp's request handling costs ~130 µs of CPU per request on the machines relay is measured
+on; a bare llhttp protocol ~20 µs (bench/profile.md). SDK posts to the event routes are nearly
+all of relay's traffic, so they are parsed and answered here. Any other request (health,
+metrics, admin, CORS preflights, the CDN routes, unknown paths) hands the connection over to
+aiohttp, which from then on owns it: it is given the request's bytes from its first one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import cast
+
+import httptools
+
+from relay import protocol
+from relay.address import Proxies
+from relay.cors import Cors
+from relay.ingest import Answer, Ingest
+from relay.protocol import Route
+
+log = logging.getLogger("relay.front")
+
+MAX_URL = 8 * 1024
+MAX_HEAD = 32 * 1024
+MAX_HEADERS = 100
+# Requests parsed ahead of their answers (pipelining) before reading pauses.
+MAX_QUEUED = 8
+REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
+           408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
+           415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
+           500: b"Internal Server Error", 503: b"Service Unavailable"}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass
+class Door:
+    """What every connection of one listener shares."""
+
+    ingest: Callable[[], Ingest]  # the current Ingest (rules are replaced on reload)
+    fallback: Callable[[], asyncio.Protocol]  # aiohttp's protocol for one connection
+    cors: Cors | None
+    proxies: Proxies
+    header_seconds: float
+    body_seconds: float
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.routes = {r.path.encode(): r for r in protocol.routes()}
+        self.open: set[Front] = set()
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
+
+
+@dataclass
+class Call:
+    """One complete SDK post, waiting for its answer."""
+
+    route: Route
+    body: bytes
+    encoding: str
+    authorization: str | None
+    origin: str | None
+    forwarded: list[str]
+    keep_alive: bool
+
+
+@dataclass
+class Refusal:
+    """A request refused before its body was read whole; the connection closes after it."""
+
+    answer: Answer
+
+
+@dataclass
+class Handover:
+    """The connection goes to aiohttp from this request on."""
+
+
+Work = Call | Refusal | Handover
+
+
+class Fatal(Exception):
+    """Stops the parser: what follows on this connection is not parsed here any more."""
+
+
+class Front(asyncio.Protocol):
+    """Parses requests with llhttp, answers SDK posts in order, hands anything else over."""
+
+    def __init__(self, door: Door) -> None:
+        self.door = door
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self.handed: asyncio.Protocol | None = None
+        self.queue: deque[Work] = deque()
+        self.worker: asyncio.Task[None] | None = None
+        self.stopped = False  # nothing more is parsed: closing, or handing over
+        self.paused = False
+        self.raw: list[bytes] | None = None  # this request's bytes, while its start is known
+        self.chunk = b""
+        self.between = True  # the parser is between requests
+        self.begun = 0  # requests begun within the current chunk
+        self.since = time.monotonic()  # when the current wait (head or body) began
+        self.in_body = False
+        self.eof = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.route: Route | None = None
+        self.body: list[bytes] = []
+        self.size = 0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
+        self.door.open.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handed is not None:
+            self.handed.data_received(data)
+            return
+        if self.stopped:
+            if self.raw is not None:
+                self.raw.append(data)  # for aiohttp, once the answers before it are out
+            return
+        self.chunk, self.begun = data, 0
+        if self.raw is not None:
+            self.raw.append(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            if not self.stopped:  # a fault of relay's own, not of the request
+                log.exception("front: cannot handle a request from %s", self.peer)
+                self._refusal(500, "internal_error", "relay could not handle this request")
+        except httptools.HttpParserError as exc:
+            self._refusal(400, "invalid_http", f"cannot parse the request: {exc}")
+        if self.route is not None and not self.in_body:
+            self.in_body, self.since = True, time.monotonic()
+        if self.queue and self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        if len(self.queue) >= MAX_QUEUED and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self.handed is not None:
+            return self.handed.eof_received()
+        # Half-closed by the client: what it sent is still answered, then the connection closes.
+        self.eof = True
+        return self.worker is not None
+
+    def pause_writing(self) -> None:
+        if self.handed is not None:
+            self.handed.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handed is not None:
+            self.handed.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.door.open.discard(self)
+        self.stopped = True
+        self._abandon()
+        if self.handed is not None:
+            self.handed.connection_lost(exc)
+        # A worker still storing a request keeps going: the message is committed either way.
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+        # Where this request starts in the byte stream is known only when it starts a chunk.
+        self.raw = [self.chunk] if self.begun == 1 and self.between else None
+        self.between = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_URL:
+            self._refuse(414, "uri_too_long", f"the request target is over {MAX_URL} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD or len(self.headers) > MAX_HEADERS:
+            self._refuse(431, "headers_too_large",
+                         f"request headers are over {MAX_HEAD} bytes or {MAX_HEADERS} fields")
+
+    def on_headers_complete(self) -> None:
+        route = None
+        if self.parser.get_method() == b"POST":
+            route = self.door.routes.get(self.url.partition(b"?")[0])
+        if route is None or self.parser.should_upgrade():
+            self._hand_over()
+            return
+        self.route = route
+        self.door.enter()  # in flight from now: a stop waits for its body and its answer
+        length = self._header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > protocol.MAX_REQUEST_BYTES:
+            self._refuse(413, "request_too_large",
+                         f"request body is over {protocol.MAX_REQUEST_BYTES} bytes")
+        expect = self._header(b"expect")
+        if expect is not None and expect.lower() == "100-continue" and not self.queue \
+                and self.transport is not None:
+            self.transport.write(CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > protocol.MAX_REQUEST_BYTES:
+            self._refuse(413, "request_too_large",
+                         f"body is over {protocol.MAX_REQUEST_BYTES} bytes")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        assert self.route is not None
+        self.queue.append(Call(
+            self.route, b"".join(self.body), self._header(b"content-encoding") or "",
+            self._header(b"authorization"), self._header(b"origin"),
+            self._headers(b"x-forwarded-for"), self.parser.should_keep_alive()))
+        self.between, self.in_body, self.raw = True, False, None
+        self.route = None  # its count goes with the Call
+        self._reset()
+
+    # the rest
+
+    def _header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("utf-8", "surrogateescape")  # as aiohttp does
+        return None
+
+    def _headers(self, name: bytes) -> list[str]:
+        return [v.decode("utf-8", "surrogateescape") for k, v in self.headers
+                if k.lower() == name]
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answers once the requests before this one are answered, then closes; stops the
+        parser (it must not go on reading what this request left half-done)."""
+        self._refusal(status, code, message)
+        raise Fatal(code)
+
+    def _refusal(self, status: int, code: str, message: str) -> None:
+        self.queue.append(Refusal(Answer.error(status, code, message)))
+        self.stopped, self.raw = True, None
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """The request being received will not be stored: no longer in flight."""
+        if self.route is not None:
+            self.route = None
+            self.door.leave()
+
+    def _hand_over(self) -> None:
+        if self.raw is None:  # pipelined behind another request: its bytes are gone
+            self._refuse(400, "pipelined_request",
+                         "only event posts may be pipelined; send this on its own connection")
+        self.queue.append(Handover())
+        self.stopped = True
+        raise Fatal("handover")
+
+    async def _work(self) -> None:
+        """Answers the queued work in order; the connection's only task while it has work."""
+        try:
+            while self.queue:
+                item = self.queue[0]
+                if isinstance(item, Handover):
+                    self._give_to_aiohttp()
+                    return
+                if isinstance(item, Refusal):
+                    self._write(item.answer, keep_alive=False)
+                    return
+                try:
+                    answer = await self._answer(item)
+                finally:
+                    self.door.leave()
+                self.queue.popleft()
+                self._write(answer, item.keep_alive)
+                if self.paused and len(self.queue) < MAX_QUEUED and self.transport is not None:
+                    self.paused = False
+                    self.transport.resume_reading()
+        finally:
+            self.worker = None
+            self.since = time.monotonic()
+            if self.eof and self.transport is not None and self.handed is None:
+                self.transport.close()
+
+    async def _answer(self, call: Call) -> Answer:
+        remote = self.peer
+        if self.door.proxies.networks:
+            remote = self.door.proxies.client_of(self.peer, call.forwarded)
+        answer = await self.door.ingest().answer(call.route, call.body, call.encoding,
+                                                 call.authorization, remote)
+        if self.door.cors is not None:
+            answer = answer.with_headers(self.door.cors.headers_for(call.origin))
+        return answer
+
+    def _write(self, answer: Answer, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        close = not keep_alive or self.door.stopping
+        transport.write(head(answer, close) + answer.body)
+        if close:
+            self.stopped = True
+            transport.close()
+
+    def _give_to_aiohttp(self) -> None:
+        transport, raw = self.transport, self.raw
+        assert transport is not None and raw is not None
+        self.handed = self.door.fallback()
+        if self.paused:
+            transport.resume_reading()
+        self.handed.connection_made(transport)
+        self.raw = None
+        self.handed.data_received(b"".join(raw))
+
+    def sweep(self, now: float) -> None:
+        """Called about four times a second: closes a connection whose request head (or next
+        request, after an answer) takes over header_seconds, or whose body takes over
+        body_seconds (408)."""
+        if self.handed is not None or self.worker is not None or self.queue or self.stopped:
+            return
+        if self.in_body:
+            if now - self.since > self.door.body_seconds:
+                self._refusal(408, "body_timeout",
+                              f"body not read within {self.door.body_seconds:g}s")
+                self.worker = asyncio.get_running_loop().create_task(self._work())
+        elif now - self.since > self.door.header_seconds and self.transport is not None:
+            self.stopped = True
+            self.transport.close()
+
+    def close(self) -> None:
+        """Closes the connection unless aiohttp owns it or an answer is on its way."""
+        if self.handed is None and self.worker is None and self.transport is not None:
+            self.transport.close()
+
+
+@functools.lru_cache(maxsize=2)
+def http_date(second: int) -> bytes:
+    return formatdate(second, usegmt=True).encode()
+
+
+def head(answer: Answer, close: bool) -> bytes:
+    """The status line and headers of `answer`."""
+    lines = [b"HTTP/1.1 %d %s" % (answer.status, REASONS.get(answer.status, b"")),
+             b"Content-Type: application/json",
+             b"Content-Length: %d" % len(answer.body), b"Date: " + http_date(int(time.time()))]
+    lines += [f"{k}: {v}".encode("latin-1") for k, v in answer.headers]
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"

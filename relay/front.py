@@ -23,6 +23,7 @@ import httptools
 
 from relay import protocol
 from relay.address import Proxies
+from relay.admission import Connections
 from relay.cors import Cors
 from relay.ingest import Answer, Ingest
 from relay.protocol import Route
@@ -51,6 +52,7 @@ class Door:
     proxies: Proxies
     header_seconds: float
     body_seconds: float
+    connections: Connections
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -135,6 +137,7 @@ class Front(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.door.connections.open += 1
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else None
@@ -183,6 +186,7 @@ class Front(asyncio.Protocol):
             self.handed.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.door.connections.open -= 1
         self.door.open.discard(self)
         self.stopped = True
         self._abandon()
@@ -323,7 +327,7 @@ class Front(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         close = not keep_alive or self.door.stopping
-        transport.write(head(answer, close) + answer.body)
+        transport.write(head(answer, close, int(time.time())) + answer.body)
         if close:
             self.stopped = True
             transport.close()
@@ -359,16 +363,13 @@ class Front(asyncio.Protocol):
             self.transport.close()
 
 
-@functools.lru_cache(maxsize=2)
-def http_date(second: int) -> bytes:
-    return formatdate(second, usegmt=True).encode()
-
-
-def head(answer: Answer, close: bool) -> bytes:
-    """The status line and headers of `answer`."""
+@functools.lru_cache(maxsize=64)
+def head(answer: Answer, close: bool, second: int) -> bytes:
+    """The status line and headers of `answer` at `second` (for its Date); nearly every answer
+    is the same 200, so they are cached."""
     lines = [b"HTTP/1.1 %d %s" % (answer.status, REASONS.get(answer.status, b"")),
-             b"Content-Type: application/json",
-             b"Content-Length: %d" % len(answer.body), b"Date: " + http_date(int(time.time()))]
+             b"Content-Type: application/json", b"Content-Length: %d" % len(answer.body),
+             b"Date: " + formatdate(second, usegmt=True).encode()]
     lines += [f"{k}: {v}".encode("latin-1") for k, v in answer.headers]
     if close:
         lines.append(b"Connection: close")

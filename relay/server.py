@@ -7,8 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
@@ -18,89 +17,15 @@ except ImportError:  # Windows: it does not exist there
     uvloop = None  # type: ignore[assignment]
 
 from relay import address, app, front
+from relay.admission import Connections
 from relay.config import Config, Limits
 
 log = logging.getLogger("relay")
 
 # How long requests already being received may take to finish once relay is asked to stop.
 DRAIN_SECONDS = 10.0
-# What a connection beyond limits.max_connections is answered, before it is closed.
-_BUSY_BODY = b'{"code": "too_many_connections", "message": "relay is at its connection limit"}'
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-        % (len(_BUSY_BODY), _BUSY_BODY))
-# How long a refused connection stays open, its bytes discarded, for its client to read BUSY.
-BUSY_SECONDS = 1.0
 # How often slow request heads and bodies are looked for.
 SWEEP_SECONDS = 0.25
-
-
-class Refused(asyncio.Protocol):
-    """A connection over the cap: answered BUSY at once (clients read it once their request is
-    written), its bytes discarded unparsed; closed when the client closes, or BUSY_SECONDS on."""
-
-    def __init__(self) -> None:
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        writer = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
-        writer.write(BUSY)
-        self.timer = asyncio.get_running_loop().call_later(BUSY_SECONDS, writer.close)
-
-    def eof_received(self) -> bool:
-        return False  # asyncio closes the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-
-
-class Connections:
-    """Counts open connections; beyond `limit`, new ones get a Refused protocol instead."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-        self.refused = 0
-
-    def protocol(self, make: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
-        if self.open >= self.limit:
-            self.refused += 1
-            if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("relay: %d connection(s) open, the limit; %d refused so far",
-                            self.open, self.refused)
-            return Refused()
-        return Counted(make(), self)
-
-
-class Counted(asyncio.Protocol):
-    """One connection's protocol, counted in `connections` while open."""
-
-    def __init__(self, inner: asyncio.Protocol, connections: Connections) -> None:
-        self.inner = inner
-        self.connections = connections
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.connections.open += 1
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.connections.open -= 1
-        self.inner.connection_lost(exc)
-
-
 def server_options(limits: Limits) -> dict[str, Any]:
     """aiohttp's options for `limits`. Its keep-alive timer, armed when a connection opens and
     again after each answer, closes a connection whose next request head is not complete by
@@ -162,10 +87,11 @@ class Listener:
         fallback = self.runner.server
         assert fallback is not None
         limits = self.config.limits
+        connections = Connections(limits.max_connections)
         self.door = door = front.Door(
             lambda: relay.ingest, fallback, self.application[app.CORS],
-            self.application[address.PROXIES], limits.header_seconds, limits.body_seconds)
-        connections = Connections(limits.max_connections)
+            self.application[address.PROXIES], limits.header_seconds, limits.body_seconds,
+            connections)
         self.server = await asyncio.get_running_loop().create_server(
             lambda: connections.protocol(lambda: front.Front(door)), self.config.host,
             self.config.port if port is None else port, backlog=128)

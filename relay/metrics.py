@@ -23,6 +23,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[str, str, str], Any] = {}
         self._answers: dict[tuple[str, int], Any] = {}
         self.requests = self._counter("requests", "HTTP requests answered on the event routes",
                                       "route", "status")
@@ -55,13 +56,19 @@ class Metrics:
     def record(self, tally: Tally) -> None:
         """Adds a stored request's tally: ("received", type, ""), ("changed", rule, ""),
         ("dropped", rule, reason)."""
-        for (what, first, second), n in tally.items():
-            if what == "received":
-                self.received.labels(first).inc(n)
-            elif what == "changed":
-                self.changed.labels(first).inc(n)
-            else:
-                self.dropped.labels(first, second).inc(n)
+        children = self._children
+        for key, n in tally.items():
+            child = children.get(key)
+            if child is None:
+                child = children[key] = self._child(*key)
+            child.inc(n)
+
+    def _child(self, what: str, first: str, second: str) -> Any:
+        if what == "received":
+            return self.received.labels(first)
+        if what == "changed":
+            return self.changed.labels(first)
+        return self.dropped.labels(first, second)
 
     def answered(self, route: str, status: int) -> None:
         """Counts one answer; the labelled child is looked up once per route and status."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import uuid
 import zlib
@@ -220,16 +221,21 @@ def wants_ip(message: Message, route: Route) -> bool:
 
 def write_key(authorization: str | None, payload: Any) -> str:
     """The SDK's write key: from Basic auth (b64 with or without ':', or raw), else the body."""
-    key = ""
-    if authorization:
-        scheme, _, value = authorization.strip().partition(" ")
-        if scheme.lower() == "basic" and value.strip():
-            key = _basic_key(value.strip())
+    key = _auth_key(authorization) if authorization else ""
     if not key and isinstance(payload, dict) and isinstance(payload.get("writeKey"), str):
         key = payload["writeKey"]
     if len(key) > MAX_WRITE_KEY or not key.isprintable() or _text(key) != key:
         raise PayloadError(400, "invalid_write_key", "the write key is not printable text")
     return key
+
+
+@functools.lru_cache(maxsize=256)
+def _auth_key(authorization: str) -> str:
+    """The key in an Authorization header; an SDK sends the same header on every request."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "basic" and value.strip():
+        return _basic_key(value.strip())
+    return ""
 
 
 def _basic_key(value: str) -> str:

@@ -83,6 +83,7 @@ class Call:
     origin: str | None
     forwarded: list[str]
     keep_alive: bool
+    http10: bool  # keep-alive must then be said in the answer
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Front(asyncio.Protocol):
         self.raw: list[bytes] | None = None  # this request's bytes, while its start is known
         self.chunk = b""
         self.between = True  # the parser is between requests
+        self.fresh = True  # the current chunk began between requests
+        self.expecting = False  # a 100 Continue is owed once the answers before it are out
         self.begun = 0  # requests begun within the current chunk
         self.since = time.monotonic()  # when the current wait (head or body) began
         self.in_body = False
@@ -151,7 +154,7 @@ class Front(asyncio.Protocol):
             if self.raw is not None:
                 self.raw.append(data)  # for aiohttp, once the answers before it are out
             return
-        self.chunk, self.begun = data, 0
+        self.chunk, self.begun, self.fresh = data, 0, self.between
         if self.raw is not None:
             self.raw.append(data)
         try:
@@ -198,8 +201,9 @@ class Front(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.begun += 1
-        # Where this request starts in the byte stream is known only when it starts a chunk.
-        self.raw = [self.chunk] if self.begun == 1 and self.between else None
+        # Where this request starts in the byte stream is known only when it starts a chunk
+        # (not when the chunk also ends the request before it).
+        self.raw = [self.chunk] if self.begun == 1 and self.fresh else None
         self.between = False
 
     def on_url(self, url: bytes) -> None:
@@ -228,9 +232,10 @@ class Front(asyncio.Protocol):
             self._refuse(413, "request_too_large",
                          f"request body is over {protocol.MAX_REQUEST_BYTES} bytes")
         expect = self._header(b"expect")
-        if expect is not None and expect.lower() == "100-continue" and not self.queue \
-                and self.transport is not None:
-            self.transport.write(CONTINUE)
+        if expect is not None and expect.lower() == "100-continue":
+            self.expecting = True
+            if not self.queue:
+                self._continue()
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
@@ -244,8 +249,9 @@ class Front(asyncio.Protocol):
         self.queue.append(Call(
             self.route, b"".join(self.body), self._header(b"content-encoding") or "",
             self._header(b"authorization"), self._header(b"origin"),
-            self._headers(b"x-forwarded-for"), self.parser.should_keep_alive()))
-        self.between, self.in_body, self.raw = True, False, None
+            self._headers(b"x-forwarded-for"), self.parser.should_keep_alive(),
+            self.parser.get_http_version() == "1.0"))
+        self.between, self.in_body, self.raw, self.expecting = True, False, None, False
         self.route = None  # its count goes with the Call
         self._reset()
 
@@ -295,14 +301,16 @@ class Front(asyncio.Protocol):
                     self._give_to_aiohttp()
                     return
                 if isinstance(item, Refusal):
-                    self._write(item.answer, keep_alive=False)
+                    self._write(item.answer, keep_alive=False, http10=False)
                     return
                 try:
                     answer = await self._answer(item)
                 finally:
                     self.door.leave()
                 self.queue.popleft()
-                self._write(answer, item.keep_alive)
+                self._write(answer, item.keep_alive, item.http10)
+                if self.expecting and not self.queue:
+                    self._continue()
                 if self.paused and len(self.queue) < MAX_QUEUED and self.transport is not None:
                     self.paused = False
                     self.transport.resume_reading()
@@ -322,12 +330,18 @@ class Front(asyncio.Protocol):
             answer = answer.with_headers(self.door.cors.headers_for(call.origin))
         return answer
 
-    def _write(self, answer: Answer, keep_alive: bool) -> None:
+    def _continue(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(CONTINUE)
+        self.expecting = False
+
+    def _write(self, answer: Answer, keep_alive: bool, http10: bool) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         close = not keep_alive or self.door.stopping
-        transport.write(head(answer, close, int(time.time())) + answer.body)
+        connection = b"close" if close else b"keep-alive" if http10 else b""
+        transport.write(head(answer, connection, int(time.time())) + answer.body)
         if close:
             self.stopped = True
             transport.close()
@@ -364,13 +378,13 @@ class Front(asyncio.Protocol):
 
 
 @functools.lru_cache(maxsize=64)
-def head(answer: Answer, close: bool, second: int) -> bytes:
+def head(answer: Answer, connection: bytes, second: int) -> bytes:
     """The status line and headers of `answer` at `second` (for its Date); nearly every answer
     is the same 200, so they are cached."""
     lines = [b"HTTP/1.1 %d %s" % (answer.status, REASONS.get(answer.status, b"")),
              b"Content-Type: application/json", b"Content-Length: %d" % len(answer.body),
              b"Date: " + formatdate(second, usegmt=True).encode()]
     lines += [f"{k}: {v}".encode("latin-1") for k, v in answer.headers]
-    if close:
-        lines.append(b"Connection: close")
+    if connection:
+        lines.append(b"Connection: " + connection)
     return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -31,6 +32,15 @@ class RuleContext:
     route: str = ""
 
 
+class Later(Enum):
+    """A rule's `apply_now` answer when it cannot decide without awaiting `apply`."""
+
+    LATER = "later"
+
+
+LATER = Later.LATER
+
+
 class Rule(Protocol):
     """The contract every rule meets: a frozen dataclass built once from its YAML options.
 
@@ -39,6 +49,17 @@ class Rule(Protocol):
     """
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop: ...
+
+
+class QuickRule(Rule, Protocol):
+    """A rule that can also answer without a coroutine, which costs more than most rules' work.
+
+    `apply_now` gives what `apply` would, with the same effect on state, or LATER having changed
+    nothing (for instance when the state it needs is not in memory); the pipeline then awaits
+    `apply`. Rules without it are always awaited.
+    """
+
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop | Later: ...
 
 
 @dataclass(frozen=True)
@@ -72,21 +93,41 @@ class Outcome:
     effects: list[Effect] = field(default_factory=list)
 
 
+Now = Callable[[Message, RuleContext], "Message | Drop | Later"]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A step as run: its `when:` test and its rule's `apply_now` looked up once, not per
+    message."""
+
+    id: str
+    rule: Rule
+    when: Callable[[Message], bool] | None
+    now: Now | None
+
+
 class Pipeline:
     """The rules of one config, applied in YAML order."""
 
     def __init__(self, steps: Sequence[Step], on_error: Literal["pass", "drop"] = "pass") -> None:
         self.steps = tuple(steps)
         self.on_error = on_error
+        self._plan = tuple(
+            _Planned(step.id, step.rule, step.when.test if step.when is not None else None,
+                     getattr(step.rule, "apply_now", None))
+            for step in self.steps)
 
     async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
         """Every step over `message`; a rule that raises is logged, never fatal to ingest."""
         outcome = Outcome(message=None)
-        for step in self.steps:
-            if step.when is not None and not step.when.matches(message):
+        for step in self._plan:
+            if step.when is not None and not step.when(message):
                 continue
             try:
-                result = await step.rule.apply(message, ctx)
+                result = step.now(message, ctx) if step.now is not None else LATER
+                if result is LATER:
+                    result = await step.rule.apply(message, ctx)
             except Exception as exc:
                 log.exception("rule %s failed on message %s; on_rule_error: %s", step.id,
                               message.get("messageId"), self.on_error)

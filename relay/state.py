@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol, cast
 
 import aiosqlite
@@ -51,6 +52,15 @@ def anon_ref(anonymous_id: str) -> str:
     return f"a:{anonymous_id}"
 
 
+class Missing(Enum):
+    """What a `*_now` read gives when the answer is not in memory: the caller must await it."""
+
+    MISSING = "missing"
+
+
+MISSING = Missing.MISSING
+
+
 @dataclass(frozen=True)
 class Membership:
     """A user's current group, and the event time that made it current."""
@@ -60,17 +70,30 @@ class Membership:
 
 
 class State(Protocol):
-    """The state rules may read and change; refs are `u:<userId>` or `a:<anonymousId>`."""
+    """The state rules may read and change; refs are `u:<userId>` or `a:<anonymousId>`.
+
+    Each `*_now` method is its awaited namesake answered from memory, without a coroutine (most
+    messages are about users already in memory); it gives MISSING, or False for `link_now`,
+    having changed nothing, when the awaited one is needed.
+    """
 
     async def group(self, ref: str) -> Membership | None: ...
 
+    def group_now(self, ref: str) -> Membership | Missing | None: ...
+
     async def set_group(self, ref: str, group_id: str, at: str) -> bool: ...
 
+    def set_group_now(self, ref: str, group_id: str, at: str) -> bool | Missing: ...
+
     async def is_internal(self, ref: str) -> bool: ...
+
+    def any_internal_now(self, refs: Sequence[str]) -> bool | Missing: ...
 
     async def mark_internal(self, refs: Iterable[str], reason: str) -> None: ...
 
     async def link(self, anonymous_id: str, user_id: str) -> None: ...
+
+    def link_now(self, anonymous_id: str, user_id: str) -> bool: ...
 
     def note_member(self, ref: str, group_id: str) -> None: ...
 
@@ -138,17 +161,31 @@ class SqliteState:
             cache.clear()
 
     async def group(self, ref: str) -> Membership | None:
-        if ref in self._groups:
-            self._groups.move_to_end(ref)
-            return cast("Membership | None", self._groups[ref])
+        found = self.group_now(ref)
+        if found is not MISSING:
+            return found
         row = await self._one("SELECT group_id, at FROM user_groups WHERE ref = ?", ref)
-        found = Membership(row[0], row[1]) if row else None
-        self._groups.remember(ref, found)
-        return found
+        membership = Membership(row[0], row[1]) if row else None
+        self._groups.remember(ref, membership)
+        return membership
+
+    def group_now(self, ref: str) -> Membership | Missing | None:
+        if ref not in self._groups:
+            return MISSING
+        self._groups.move_to_end(ref)
+        return cast("Membership | None", self._groups[ref])
 
     async def set_group(self, ref: str, group_id: str, at: str) -> bool:
         """Makes `group_id` current unless a later event already chose another; True if set."""
-        current = await self.group(ref)
+        return self._set_group(ref, await self.group(ref), group_id, at)
+
+    def set_group_now(self, ref: str, group_id: str, at: str) -> bool | Missing:
+        current = self.group_now(ref)
+        if current is MISSING:
+            return MISSING
+        return self._set_group(ref, current, group_id, at)
+
+    def _set_group(self, ref: str, current: Membership | None, group_id: str, at: str) -> bool:
         if current is not None and _later(current.at, at):
             return False
         if current != Membership(group_id, at):
@@ -157,11 +194,26 @@ class SqliteState:
         return True
 
     async def is_internal(self, ref: str) -> bool:
-        if ref in self._internal:
-            self._internal.move_to_end(ref)
-            return bool(self._internal[ref])
+        found = self._internal_now(ref)
+        if found is not MISSING:
+            return found
         row = await self._one("SELECT 1 FROM internal_users WHERE ref = ?", ref)
         return bool(self._internal.remember(ref, row is not None))
+
+    def _internal_now(self, ref: str) -> bool | Missing:
+        if ref not in self._internal:
+            return MISSING
+        self._internal.move_to_end(ref)
+        return bool(self._internal[ref])
+
+    def any_internal_now(self, refs: Sequence[str]) -> bool | Missing:
+        """Whether one of `refs` is internal, read in order up to the first that is, as awaiting
+        `is_internal` on each would."""
+        for ref in refs:
+            found = self._internal_now(ref)
+            if found is not False:
+                return found
+        return False
 
     async def mark_internal(self, refs: Iterable[str], reason: str) -> None:
         """Marks `refs`, and every anonymousId linked to a marked userId, internal."""
@@ -179,14 +231,25 @@ class SqliteState:
 
     async def link(self, anonymous_id: str, user_id: str) -> None:
         """Ties an anonymousId to a userId; an internal verdict on either covers both."""
-        if self._links.get(anonymous_id) != user_id:
-            self._links.remember(anonymous_id, user_id)
-            self._pending.append((_LINK, [(anonymous_id, user_id)]))
+        self._tie(anonymous_id, user_id)
         refs = [anon_ref(anonymous_id), user_ref(user_id)]
         for ref in refs:
             if await self.is_internal(ref):
                 await self.mark_internal(refs, "linked")
                 return
+
+    def link_now(self, anonymous_id: str, user_id: str) -> bool:
+        """`link` when neither id is internal, as known in memory; False (nothing changed) else.
+        Reading before tying is safe: the tie touches no verdict."""
+        if self.any_internal_now([anon_ref(anonymous_id), user_ref(user_id)]) is not False:
+            return False
+        self._tie(anonymous_id, user_id)
+        return True
+
+    def _tie(self, anonymous_id: str, user_id: str) -> None:
+        if self._links.get(anonymous_id) != user_id:
+            self._links.remember(anonymous_id, user_id)
+            self._pending.append((_LINK, [(anonymous_id, user_id)]))
 
     def note_member(self, ref: str, group_id: str) -> None:
         """Records that `ref` was seen in `group_id` (for `relay report`)."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay import identity
-from relay.pipeline import Drop, Message, RuleContext
+from relay.pipeline import LATER, Drop, Later, Message, RuleContext
 from relay.rules.one_group_per_user import current_group
 from relay.schema import FieldError
 from relay.state import State
+
+_LINKS = {"identify": "anonymousId", "alias": "previousId"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,26 @@ class DropInternalUsers:
             return message
         return Drop("internal_user")
 
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop | Later:
+        """`apply` for the usual message: one that shows no staff, from users whose verdicts are
+        in memory and all external. Everything else (marking, acting groups) is LATER.
+
+        An alias is LATER too: its refs go beyond the two ids it links, so a verdict could be
+        missing after the link was made, and LATER must come before any change."""
+        kind = message.get("type")
+        if kind == "alias":
+            return LATER
+        refs = identity.refs(message)
+        if not refs:
+            return message
+        if self._verdict(message) is not None:
+            return LATER
+        user_id = identity.text_id(message.get("userId"))
+        other = identity.text_id(message.get("anonymousId")) if kind == "identify" else None
+        if user_id is not None and other is not None and not ctx.state.link_now(other, user_id):
+            return LATER
+        return message if ctx.state.any_internal_now(refs) is False else LATER
+
     def _verdict(self, message: Message) -> str | None:
         """Why this message alone shows its user is internal, or None."""
         user_id = identity.text_id(message.get("userId"))
@@ -61,8 +83,7 @@ class DropInternalUsers:
     async def _link(self, message: Message, state: State) -> None:
         kind = message.get("type")
         user_id = identity.text_id(message.get("userId"))
-        links = {"identify": "anonymousId", "alias": "previousId"}
-        other = identity.text_id(message.get(links[kind])) if kind in links else None
+        other = identity.text_id(message.get(_LINKS[kind])) if kind in _LINKS else None
         if user_id is not None and other is not None:
             await state.link(other, user_id)
 

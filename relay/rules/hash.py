@@ -36,6 +36,9 @@ class Hash:
         object.__setattr__(self, "_key", key.encode())
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        return self.apply_now(message, ctx)
+
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
             value = paths.get(message, parts, _ABSENT)
             if value is _ABSENT or value is None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from relay import identity
-from relay.pipeline import Drop, Message, RuleContext
+from relay.pipeline import LATER, Drop, Later, Message, RuleContext
 from relay.protocol import TYPES
 from relay.schema import FieldError
-from relay.state import State, anon_ref, user_ref
+from relay.state import MISSING, Missing, State, anon_ref, user_ref
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,28 @@ class OneGroupPerUser:
         group = await current_group(message, ctx.state)
         if group is None:
             return message
-        return {**message, "context": {**(context if isinstance(context, dict) else {}),
-                                       "groupId": group}}
+        return _injected(message, context, group)
+
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop | Later:
+        """`apply` when the groups it reads are in memory; every state read comes before the
+        first write, so LATER leaves nothing half done."""
+        kind = message.get("type")
+        if kind == "group":
+            return message if self._remember_now(message, ctx.state) else LATER
+        if kind == "alias":
+            return message if self._carry_now(message, ctx.state) else LATER
+        if kind not in self.inject_into:
+            return message
+        context = message.get("context")
+        if isinstance(context, dict) and identity.text_id(context.get("groupId")) is not None:
+            return message
+        group = current_group_now(message, ctx.state)
+        if group is MISSING:
+            return LATER
+        ref = identity.primary_ref(message)
+        if kind == "track" and ref is not None:
+            ctx.state.note_ungrouped_track(ref)  # after the read, unlike apply: they are apart
+        return message if group is None else _injected(message, context, group)
 
     async def _remember(self, message: Message, state: State) -> None:
         ref = identity.primary_ref(message)
@@ -53,6 +74,16 @@ class OneGroupPerUser:
             return
         await state.set_group(ref, group_id, identity.event_time(message))
         state.note_member(ref, group_id)
+
+    def _remember_now(self, message: Message, state: State) -> bool:
+        ref = identity.primary_ref(message)
+        group_id = identity.text_id(message.get("groupId"))
+        if ref is None or group_id is None:
+            return True
+        if state.set_group_now(ref, group_id, identity.event_time(message)) is MISSING:
+            return False
+        state.note_member(ref, group_id)
+        return True
 
     async def _carry(self, message: Message, state: State) -> None:
         user_id = identity.text_id(message.get("userId"))
@@ -65,6 +96,30 @@ class OneGroupPerUser:
                 await state.set_group(user_ref(user_id), membership.group_id, membership.at)
                 return
 
+    def _carry_now(self, message: Message, state: State) -> bool:
+        user_id = identity.text_id(message.get("userId"))
+        previous = identity.text_id(message.get("previousId"))
+        if user_id is None or previous is None:
+            return True
+        own = state.group_now(user_ref(user_id))
+        if own is MISSING:
+            return False
+        if own is not None:
+            return True
+        for ref in (user_ref(previous), anon_ref(previous)):
+            membership = state.group_now(ref)
+            if membership is MISSING:
+                return False
+            if membership is not None:
+                done = state.set_group_now(user_ref(user_id), membership.group_id, membership.at)
+                return done is not MISSING
+        return True
+
+
+def _injected(message: Message, context: Any, group: str) -> Message:
+    return {**message, "context": {**(context if isinstance(context, dict) else {}),
+                                   "groupId": group}}
+
 
 async def current_group(message: Message, state: State) -> str | None:
     """The group the message's user is in now: by userId, else by anonymousId."""
@@ -74,4 +129,15 @@ async def current_group(message: Message, state: State) -> str | None:
             membership = await state.group(make(value))
             if membership is not None:
                 return membership.group_id
+    return None
+
+
+def current_group_now(message: Message, state: State) -> str | Missing | None:
+    """`current_group` from memory, or MISSING."""
+    for key, make in (("userId", user_ref), ("anonymousId", anon_ref)):
+        value = identity.text_id(message.get(key))
+        if value is not None:
+            membership = state.group_now(make(value))
+            if membership is not None:
+                return membership if membership is MISSING else membership.group_id
     return None

@@ -25,6 +25,9 @@ class Remove:
         object.__setattr__(self, "_parts", tuple(paths.split(p) for p in self.paths))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        return self.apply_now(message, ctx)
+
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
             message = paths.removed(message, parts)
         return message

@@ -30,6 +30,9 @@ class Rename:
         object.__setattr__(self, "_to", paths.split(self.to))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        return self.apply_now(message, ctx)
+
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
         value = paths.get(message, self._from, _ABSENT)
         if value is _ABSENT:
             return message

@@ -24,6 +24,9 @@ class SetField:
         object.__setattr__(self, "_parts", paths.split(self.path))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        return self.apply_now(message, ctx)
+
+    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
         if paths.same(paths.get(message, self._parts, _UNSET), self.value):
             return message
         return paths.replaced(message, self._parts, self.value)

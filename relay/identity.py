@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from relay import clock
@@ -16,6 +16,8 @@ _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 def text_id(value: Any) -> str | None:
     """An id as the protocol allows it (a non-empty string or a number), as text."""
+    if value.__class__ is str:  # nearly every id: no need for the checks below
+        return value or None
     if isinstance(value, bool) or value is None or value == "":
         return None
     if isinstance(value, (str, int, float)):
@@ -56,20 +58,23 @@ def event_time(message: Message) -> str:
     return clock.iso(clock.now())
 
 
+@functools.lru_cache(maxsize=4096)  # messages repeat a small set of trait and property keys
 def normal_key(key: str) -> str:
     """`created_at`, `Created-At` and `createdAt` all as `createdat`."""
     return _NOT_ALNUM.sub("", key.lower())
 
 
-def emails(message: Message) -> Iterator[str]:
+def emails(message: Message) -> list[str]:
     """Every email on a message: traits, context.traits, properties (any key case), a userId."""
+    found: list[str] = []
     context = message.get("context")
     for holder in (message.get("traits"), message.get("properties"),
                    context.get("traits") if isinstance(context, dict) else None):
         if isinstance(holder, dict):
             for key, value in holder.items():
                 if isinstance(value, str) and "@" in value and normal_key(str(key)) == "email":
-                    yield value
+                    found.append(value)
     user_id = message.get("userId")
     if isinstance(user_id, str) and "@" in user_id:
-        yield user_id
+        found.append(user_id)
+    return found

@@ -69,7 +69,7 @@ def _clause(key: str, value: Any, path: Path, source: Source) -> Callable[[Messa
         parts = [_compile(item, (*path, i), source) for i, item in enumerate(value)]
         return lambda m: any(p(m) for p in parts)
     if key == "type":
-        return _in_strings(("type",), value, path, source)
+        return _in_strings("type", value, path, source)
     if key == "event":
         return _event_glob(value, path, source)
     if not key or "" in paths.split(key):
@@ -138,7 +138,7 @@ def _regex(parts: tuple[str, ...], operand: Any, path: Path,
     return test
 
 
-def _in_strings(parts: tuple[str, ...], value: Any, path: Path,
+def _in_strings(key: str, value: Any, path: Path,
                 source: Source) -> Callable[[Message], bool]:
     options = [value] if isinstance(value, str) else value
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
@@ -147,7 +147,7 @@ def _in_strings(parts: tuple[str, ...], value: Any, path: Path,
     wanted = frozenset(options)
 
     def test(m: Message) -> bool:
-        found = paths.get(m, parts)
+        found = m.get(key)
         return isinstance(found, str) and found in wanted
 
     return test
@@ -175,6 +175,9 @@ def _same(value: Any, operand: Any) -> bool:
 def _all(tests: list[Callable[[Message], bool]]) -> Callable[[Message], bool]:
     if len(tests) == 1:
         return tests[0]
+    if len(tests) == 2:  # the usual `{type: ..., event: ...}`, without a loop
+        first, second = tests
+        return lambda m: first(m) and second(m)
     chain = tuple(tests)
 
     def test(m: Message) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -120,33 +120,83 @@ class Pipeline:
 
     async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
         """Every step over `message`; a rule that raises is logged, never fatal to ingest."""
+        started = self.start(message, ctx, trace)
+        return started if isinstance(started, Outcome) else await started
+
+    def start(self, message: Message, ctx: RuleContext,
+              trace: bool = False) -> Outcome | Coroutine[Any, Any, Outcome]:
+        """`run` without a coroutine of its own, which costs as much as a rule: the Outcome when
+        no rule had to wait, else an awaitable of it that goes on from the rule that must."""
         outcome = Outcome(message=None)
-        for step in self._plan:
+        for index, step in enumerate(self._plan):
             if step.when is not None and not step.when(message):
                 continue
+            if step.now is None:
+                return self._finish(outcome, message, ctx, trace, index)
             try:
-                result = step.now(message, ctx) if step.now is not None else LATER
+                result = step.now(message, ctx)
+            except Exception as exc:
+                if self._failed(outcome, step.id, message, exc, trace):
+                    return outcome
+                continue
+            if result is LATER:
+                return self._finish(outcome, message, ctx, trace, index)
+            if result is not message:  # most rules leave most messages alone: nothing to record
+                after = self._settle(outcome, step.id, message, result, trace)
+                if after is None:
+                    return outcome
+                message = after
+        outcome.message = message
+        return outcome
+
+    async def _finish(self, outcome: Outcome, message: Message, ctx: RuleContext, trace: bool,
+                      index: int) -> Outcome:
+        """The steps from `index` on; that first one's `when:` has matched and it must await."""
+        for position, step in enumerate(self._plan[index:]):
+            if position and step.when is not None and not step.when(message):
+                continue
+            try:
+                result = step.now(message, ctx) if position and step.now is not None else LATER
                 if result is LATER:
                     result = await step.rule.apply(message, ctx)
             except Exception as exc:
-                log.exception("rule %s failed on message %s; on_rule_error: %s", step.id,
-                              message.get("messageId"), self.on_error)
-                if trace:
-                    outcome.effects.append(Effect(step.id, message, message, error=repr(exc)))
-                if self.on_error == "drop":
-                    return _dropped(outcome, step.id, "rule_error")
+                if self._failed(outcome, step.id, message, exc, trace):
+                    return outcome
                 continue
-            if isinstance(result, Drop):
-                if trace:
-                    outcome.effects.append(Effect(step.id, message, None, result.reason))
-                return _dropped(outcome, step.id, result.reason)
-            if result is not message:
-                outcome.changed_by.append(step.id)
-                if trace:
-                    outcome.effects.append(Effect(step.id, message, result))
-            message = result
+            if result is not message:  # most rules leave most messages alone: nothing to record
+                after = self._settle(outcome, step.id, message, result, trace)
+                if after is None:
+                    return outcome
+                message = after
         outcome.message = message
         return outcome
+
+    def _failed(self, outcome: Outcome, step: str, message: Message, exc: Exception,
+                trace: bool) -> bool:
+        """Logs a rule that raised; True when on_rule_error drops the message."""
+        log.exception("rule %s failed on message %s; on_rule_error: %s", step,
+                      message.get("messageId"), self.on_error, exc_info=exc)
+        if trace:
+            outcome.effects.append(Effect(step, message, message, error=repr(exc)))
+        if self.on_error == "drop":
+            _dropped(outcome, step, "rule_error")
+            return True
+        return False
+
+    @staticmethod
+    def _settle(outcome: Outcome, step: str, message: Message, result: Message | Drop,
+                trace: bool) -> Message | None:
+        """Records what a rule did to a message it changed or dropped; the message to go on
+        with, or None once dropped."""
+        if isinstance(result, Drop):
+            if trace:
+                outcome.effects.append(Effect(step, message, None, result.reason))
+            _dropped(outcome, step, result.reason)
+            return None
+        outcome.changed_by.append(step)
+        if trace:
+            outcome.effects.append(Effect(step, message, result))
+        return result
 
 
 def _dropped(outcome: Outcome, step: str, reason: str) -> Outcome:

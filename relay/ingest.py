@@ -8,7 +8,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from relay import address, clock, protocol
 from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox, StorageError
-from relay.pipeline import Pipeline, RuleContext
+from relay.pipeline import Outcome, Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
 from relay.state import SqliteState
 
@@ -147,32 +147,59 @@ class Ingest:
         """Each item validated, stamped and run through the rules; what is left, serialised,
         with the durable counters and the metrics' tally of what happened."""
         received = clock.now()
+        sent_at = top.get("sentAt")
         ctx = RuleContext(state=self.state, route=route.path)
         pipeline = self.pipeline
         entries: list[Entry] = []
-        counts: Counter[str] = Counter()
-        tally: Tally = Counter()
+        seen = _Seen()
         for item in items:
             message = protocol.message_from(item, top, route)
             reason = protocol.invalid_reason(message)
             if reason is not None:
-                counts[f"invalid.{reason}"] += 1
-                tally[("dropped", "protocol", reason)] += 1
+                seen.invalid[reason] += 1
                 continue
-            tally[("received", message["type"], "")] += 1
+            seen.types[message["type"]] += 1
             ip = remote if protocol.wants_ip(message, route) else None
-            protocol.stamp(message, item.get("sentAt", top.get("sentAt")), received, ip)
-            outcome = await pipeline.run(message, ctx)
+            protocol.stamp(message, item.get("sentAt", sent_at), received, ip)
+            outcome = pipeline.start(message, ctx)
+            if not isinstance(outcome, Outcome):  # a rule had to wait for storage
+                outcome = await outcome
             for step in outcome.changed_by:
-                counts[f"changed.{step}"] += 1
-                tally[("changed", step, "")] += 1
+                seen.changed[step] += 1
             if outcome.message is None:
-                counts[f"dropped.{outcome.dropped_by}"] += 1
-                tally[("dropped", str(outcome.dropped_by), str(outcome.reason))] += 1
+                seen.dropped[(str(outcome.dropped_by), str(outcome.reason))] += 1
                 continue
             final = outcome.message
             entries.append(Entry(protocol.user_key(final), protocol.dumps(final)))
+        counts, tally = seen.totals()
         return entries, counts, tally
+
+
+@dataclass
+class _Seen:
+    """What one request's messages came to, tallied by kind once per request, not per message."""
+
+    invalid: Counter[str] = field(default_factory=Counter)
+    types: Counter[str] = field(default_factory=Counter)
+    changed: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def totals(self) -> tuple[Counter[str], Tally]:
+        """The durable counters and the metrics' tally, keyed as they always were."""
+        counts: Counter[str] = Counter()
+        tally: Tally = Counter()
+        for reason, n in self.invalid.items():
+            counts[f"invalid.{reason}"] += n
+            tally[("dropped", "protocol", reason)] += n
+        for kind, n in self.types.items():
+            tally[("received", kind, "")] += n
+        for step, n in self.changed.items():
+            counts[f"changed.{step}"] += n
+            tally[("changed", step, "")] += n
+        for (step, reason), n in self.dropped.items():
+            counts[f"dropped.{step}"] += n
+            tally[("dropped", step, reason)] += n
+        return counts, tally
 
 
 async def read_body(request: web.Request, seconds: float) -> bytes:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -156,18 +156,18 @@ class Ingest:
             message = protocol.message_from(item, top, route)
             reason = protocol.invalid_reason(message)
             if reason is not None:
-                seen.invalid[reason] += 1
+                _add(seen.invalid, reason)
                 continue
-            seen.types[message["type"]] += 1
+            _add(seen.types, message["type"])
             ip = remote if protocol.wants_ip(message, route) else None
             protocol.stamp(message, item.get("sentAt", sent_at), received, ip)
             outcome = pipeline.start(message, ctx)
             if not isinstance(outcome, Outcome):  # a rule had to wait for storage
                 outcome = await outcome
             for step in outcome.changed_by:
-                seen.changed[step] += 1
+                _add(seen.changed, step)
             if outcome.message is None:
-                seen.dropped[(str(outcome.dropped_by), str(outcome.reason))] += 1
+                _add(seen.dropped, (str(outcome.dropped_by), str(outcome.reason)))
                 continue
             final = outcome.message
             entries.append(Entry(protocol.user_key(final), protocol.dumps(final)))
@@ -175,31 +175,39 @@ class Ingest:
         return entries, counts, tally
 
 
-@dataclass
 class _Seen:
-    """What one request's messages came to, tallied by kind once per request, not per message."""
+    """What one request's messages came to, tallied by kind once per request, not per message
+    (plain dictionaries: a single event's request makes one of these, and Counters cost more
+    to make than to fill)."""
 
-    invalid: Counter[str] = field(default_factory=Counter)
-    types: Counter[str] = field(default_factory=Counter)
-    changed: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)
+    __slots__ = ("changed", "dropped", "invalid", "types")
+
+    def __init__(self) -> None:
+        self.invalid: dict[str, int] = {}
+        self.types: dict[str, int] = {}
+        self.changed: dict[str, int] = {}
+        self.dropped: dict[tuple[str, str], int] = {}
 
     def totals(self) -> tuple[Counter[str], Tally]:
         """The durable counters and the metrics' tally, keyed as they always were."""
-        counts: Counter[str] = Counter()
-        tally: Tally = Counter()
+        counts: dict[str, int] = {}
+        tally: dict[tuple[str, str, str], int] = {}
         for reason, n in self.invalid.items():
-            counts[f"invalid.{reason}"] += n
-            tally[("dropped", "protocol", reason)] += n
+            counts[f"invalid.{reason}"] = n
+            tally[("dropped", "protocol", reason)] = n
         for kind, n in self.types.items():
-            tally[("received", kind, "")] += n
+            tally[("received", kind, "")] = n
         for step, n in self.changed.items():
-            counts[f"changed.{step}"] += n
-            tally[("changed", step, "")] += n
+            counts[f"changed.{step}"] = n
+            tally[("changed", step, "")] = n
         for (step, reason), n in self.dropped.items():
-            counts[f"dropped.{step}"] += n
-            tally[("dropped", step, reason)] += n
-        return counts, tally
+            counts[f"dropped.{step}"] = counts.get(f"dropped.{step}", 0) + n
+            tally[("dropped", step, reason)] = n
+        return Counter(counts), Counter(tally)
+
+
+def _add(counts: dict[Any, int], key: Any) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
 
 async def read_body(request: web.Request, seconds: float) -> bytes:

@@ -16,7 +16,6 @@ import aiosqlite
 
 from relay import inventory
 from relay.capacity import Capacity, OutboxFull
-from relay.checkpointer import Checkpointer
 from relay.writer import Writer
 
 log = logging.getLogger("relay.outbox")
@@ -108,7 +107,6 @@ class Outbox:
         self._signals = {name: asyncio.Event() for name in self.upstreams}
         self._stats: tuple[float, list[inventory.QueueStats]] | None = None
         self._stats_conn: aiosqlite.Connection | None = None
-        self._checkpointer: Checkpointer | None = None
 
     async def open(self) -> None:
         """Opens (creating if needed) the database; raises sqlite3 errors for a bad file."""
@@ -126,12 +124,10 @@ class Outbox:
 
     async def _connect(self) -> None:
         pragmas = ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={self.synchronous}",
-                   "PRAGMA busy_timeout=5000", "PRAGMA wal_autocheckpoint=0"]
+                   "PRAGMA busy_timeout=5000"]
         verdict = await self._writer.open(pragmas, SCHEMA)
         if verdict != ["ok"]:
             raise sqlite3.DatabaseError("integrity check failed: " + "; ".join(verdict[:3]))
-        self._checkpointer = Checkpointer(self.path)
-        self._checkpointer.start()
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
         await self.capacity.sync(self._reader)
@@ -147,14 +143,7 @@ class Outbox:
             if conn is not None:
                 await conn.close()
         self._reader = self._stats_conn = None
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.stop)
-            self._checkpointer = None
         await self._writer.close()
-
-    def checkpoints(self) -> int:
-        """How many checkpoints the checkpoint thread has run."""
-        return self._checkpointer.checkpoints if self._checkpointer is not None else 0
 
     def signal(self, upstream: str) -> asyncio.Event:
         """Set whenever new messages for `upstream` are committed."""

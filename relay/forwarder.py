@@ -70,9 +70,6 @@ class Forwarder:
         self.paused = False
         self._deadline: float | None = None
         self._stop = asyncio.Event()
-        # The delete of the last delivered batch runs while the next one is read and sent.
-        self._acking: asyncio.Task[None] | None = None
-        self._acking_ids: frozenset[int] = frozenset()
 
     def stop(self, grace_seconds: float) -> None:
         """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
@@ -82,12 +79,6 @@ class Forwarder:
 
     async def run(self) -> None:
         """The delivery loop; returns after `stop` once the queue is empty or the grace is over."""
-        try:
-            await self._loop()
-        finally:
-            await self._settle_ack()
-
-    async def _loop(self) -> None:
         signal = self.outbox.signal(self.upstream.name)
         while not self._out_of_time():
             signal.clear()
@@ -97,13 +88,9 @@ class Forwarder:
                     self.upstream.max_batch_messages,
                     self.upstream.max_batch_bytes,
                     by_key=not self.upstream.write_key,
-                    skip=self._acking_ids,
                 )
                 batch = self._fit(batch)
                 if not batch:
-                    if self._acking is not None:
-                        await self._settle_ack()  # what is left may be only what it deletes
-                        continue
                     if self._stop.is_set():
                         return
                     await _wait(signal, 1.0)
@@ -141,9 +128,7 @@ class Forwarder:
         self.metrics.deliveries.labels(self.upstream.name, str(answer.status or "error")).inc()
         self.metrics.batch_messages.observe(len(batch))
         if 200 <= answer.status < 300:
-            await self._settle_ack()
-            self._acking_ids = frozenset(p.id for p in batch)
-            self._acking = asyncio.create_task(self.outbox.ack(batch))
+            await self.outbox.ack(batch)
             self._recovered()
             return None
         if answer.status in (400, 413):
@@ -190,19 +175,6 @@ class Forwarder:
             "upstream %s: %d message(s) dead-lettered, answer %d: %s",
             self.upstream.name, len(batch), answer.status, _one_line(answer.text),
         )
-
-    async def _settle_ack(self) -> None:
-        """Waits for the delete in flight. If it failed, its messages stay queued and are sent
-        again (the vendor deduplicates on messageId)."""
-        task, self._acking = self._acking, None
-        if task is None:
-            return
-        try:
-            await task
-        except (StorageError, sqlite3.Error) as exc:
-            self._storage_failed(exc)
-        finally:
-            self._acking_ids = frozenset()
 
     def _backoff(self, answer: Answer, batch_size: int) -> float:
         self.failures += 1

@@ -175,11 +175,9 @@ class Outbox:
                 event.set()
 
     async def next_batch(
-        self, upstream: str, max_messages: int, max_bytes: int, by_key: bool,
-        skip: frozenset[int] = frozenset(),
+        self, upstream: str, max_messages: int, max_bytes: int, by_key: bool
     ) -> list[Pending]:
-        """The oldest messages of `upstream` (all with the oldest one's key when `by_key`),
-        leaving out the ids in `skip` (delivered, their delete not yet committed)."""
+        """The oldest messages of `upstream` (all with the oldest one's key when `by_key`)."""
         assert self._reader is not None
         sql = "SELECT id, write_key, user_key, body, enqueued_at FROM outbox WHERE upstream = ?"
         args: tuple[Any, ...] = (upstream,)
@@ -187,16 +185,11 @@ class Outbox:
             sql += (" AND write_key = (SELECT write_key FROM outbox WHERE upstream = ?"
                     " ORDER BY id LIMIT 1)")
             args = (upstream, upstream)
-        limit = max_messages + len(skip)
-        async with self._reader.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)) as cur:
+        async with self._reader.execute(sql + " ORDER BY id LIMIT ?", (*args, max_messages)) as cur:
             rows = await cur.fetchall()
         batch: list[Pending] = []
         size = 0
         for row in rows:
-            if row[0] in skip:
-                continue
-            if len(batch) == max_messages:
-                break
             size += len(row[3]) + 1
             if batch and size > max_bytes:
                 break

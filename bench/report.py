@@ -69,7 +69,7 @@ def _tool_version(argv: list[str]) -> str:
 
 def versions(nginx: str | None, wrk: str | None) -> list[tuple[str, str]]:
     out = [("Python", platform.python_version()), ("SQLite", sqlite3.sqlite_version)]
-    for package in ("relay", "aiohttp", "aiosqlite", "uvloop", "orjson"):
+    for package in ("relay", "aiohttp", "aiosqlite", "uvloop", "orjson", "httptools"):
         try:
             out.append((package, metadata.version(package)))
         except metadata.PackageNotFoundError:

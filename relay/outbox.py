@@ -135,8 +135,9 @@ class Outbox:
         try:
             await self._reader.execute("SELECT value FROM json_each('[1]')")
         except sqlite3.OperationalError:
-            raise sqlite3.DatabaseError(f"SQLite {sqlite3.sqlite_version} has no JSON functions;"
-                                        " relay needs SQLite 3.38 or later (or one built with JSON1)") from None
+            raise sqlite3.DatabaseError(
+                f"SQLite {sqlite3.sqlite_version} has no JSON functions; relay needs SQLite 3.38"
+                " or later (or one built with JSON1)") from None
         await self.capacity.sync(self._reader)
 
     async def close(self) -> None:

@@ -10,23 +10,18 @@ aiohttp, which from then on owns it: it is given the request's bytes from its fi
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from email.utils import formatdate
 from typing import cast
 
 import httptools
 
 from relay import protocol
-from relay.address import Proxies
-from relay.admission import Connections
-from relay.cors import Cors
-from relay.ingest import Answer, Ingest
+from relay.door import Call, Door, Handover, Refusal, Work
+from relay.ingest import Answer
 from relay.protocol import Route
+from relay.response_head import CONTINUE, head
 
 log = logging.getLogger("relay.front")
 
@@ -35,70 +30,6 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 # Requests parsed ahead of their answers (pipelining) before reading pauses.
 MAX_QUEUED = 8
-REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
-           408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
-           415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
-           500: b"Internal Server Error", 503: b"Service Unavailable"}
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-@dataclass
-class Door:
-    """What every connection of one listener shares."""
-
-    ingest: Callable[[], Ingest]  # the current Ingest (rules are replaced on reload)
-    fallback: Callable[[], asyncio.Protocol]  # aiohttp's protocol for one connection
-    cors: Cors | None
-    proxies: Proxies
-    header_seconds: float
-    body_seconds: float
-    connections: Connections
-    stopping: bool = False
-
-    def __post_init__(self) -> None:
-        self.routes = {r.path.encode(): r for r in protocol.routes()}
-        self.open: set[Front] = set()
-        self.inflight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.inflight -= 1
-        if not self.inflight:
-            self.idle.set()
-
-
-@dataclass
-class Call:
-    """One complete SDK post, waiting for its answer."""
-
-    route: Route
-    body: bytes
-    encoding: str
-    authorization: str | None
-    origin: str | None
-    forwarded: list[str]
-    keep_alive: bool
-    http10: bool  # keep-alive must then be said in the answer
-
-
-@dataclass
-class Refusal:
-    """A request refused before its body was read whole; the connection closes after it."""
-
-    answer: Answer
-
-
-@dataclass
-class Handover:
-    """The connection goes to aiohttp from this request on."""
-
-
-Work = Call | Refusal | Handover
 
 
 class Fatal(Exception):
@@ -375,16 +306,3 @@ class Front(asyncio.Protocol):
         """Closes the connection unless aiohttp owns it or an answer is on its way."""
         if self.handed is None and self.worker is None and self.transport is not None:
             self.transport.close()
-
-
-@functools.lru_cache(maxsize=64)
-def head(answer: Answer, connection: bytes, second: int) -> bytes:
-    """The status line and headers of `answer` at `second` (for its Date); nearly every answer
-    is the same 200, so they are cached."""
-    lines = [b"HTTP/1.1 %d %s" % (answer.status, REASONS.get(answer.status, b"")),
-             b"Content-Type: application/json", b"Content-Length: %d" % len(answer.body),
-             b"Date: " + formatdate(second, usegmt=True).encode()]
-    lines += [f"{k}: {v}".encode("latin-1") for k, v in answer.headers]
-    if connection:
-        lines.append(b"Connection: " + connection)
-    return b"\r\n".join(lines) + b"\r\n\r\n"

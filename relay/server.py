@@ -19,6 +19,7 @@ except ImportError:  # Windows: it does not exist there
 from relay import address, app, front
 from relay.admission import Connections
 from relay.config import Config, Limits
+from relay.door import Door
 
 log = logging.getLogger("relay")
 
@@ -77,7 +78,7 @@ class Listener:
         self.runner = web.AppRunner(application, handle_signals=False, shutdown_timeout=1.0,
                                     **server_options(config.limits))
         self.server: asyncio.Server | None = None
-        self.door: front.Door | None = None
+        self.door: Door | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, port: int | None = None) -> None:
@@ -88,7 +89,7 @@ class Listener:
         assert fallback is not None
         limits = self.config.limits
         connections = Connections(limits.max_connections)
-        self.door = door = front.Door(
+        self.door = door = Door(
             lambda: relay.ingest, fallback, self.application[app.CORS],
             self.application[address.PROXIES], limits.header_seconds, limits.body_seconds,
             connections)
@@ -133,7 +134,7 @@ class Listener:
         await self.runner.cleanup()
 
 
-async def _sweep(door: front.Door) -> None:
+async def _sweep(door: Door) -> None:
     """Cuts off connections whose request head or body is too slow (Front.sweep)."""
     while True:
         await asyncio.sleep(SWEEP_SECONDS)

@@ -85,6 +85,18 @@ class Bench:
                                  seconds=seconds, connections=connections)
         return await Generator(target, url, shape, tag, connections).closed(seconds)
 
+    async def paced(self, target: str, shape: Shape, tag: str, seconds: float, *,
+                    connections: int, rate: float, warm_up: float) -> RunResult:
+        """About `rate` requests a second for `seconds`: wrk with a pause per connection where
+        there is wrk (a Python generator sharing the two cores cannot hold the rates relay
+        now reaches), else the aiohttp generator's open loop."""
+        url = self.urls[target]
+        if self.wrk:
+            return await wrk.run(self.procs, self.wrk, target, url, shape=shape, tag=tag,
+                                 seconds=seconds, connections=connections, rate=rate)
+        return await Generator(target, url, shape, tag, connections).open(rate, seconds,
+                                                                          warm_up=warm_up)
+
     async def vendor(self, method: str, path: str, **kwargs: Any) -> Any:
         assert self.session is not None
         async with self.session.request(method, self.vendor_control + path, **kwargs) as answer:

@@ -81,8 +81,9 @@ def setup_lines(bench: Bench, plan: Plan) -> list[tuple[str, str]]:
                   " full in a fresh SQLite file; backoff capped at 1 s (shipped: 60 s)"),
         ("baselines", ", ".join(bench.baselines) + "; all forward to (or stand in for) the same"
                       " fake vendor, an aiohttp process counting unique messageIds"),
-        ("load", load + f"; p99 at half load from the aiohttp generator at a fixed rate,"
-                        f" {scenarios.LATENCY_CONNECTIONS} connections"),
+        ("load", load + "; p99 at half load from " + ("wrk, each connection pausing after every"
+                        " answer to hold the rate" if bench.wrk else "the aiohttp generator at a"
+                        " fixed rate") + f", {scenarios.LATENCY_CONNECTIONS} connections"),
         ("rounds", f"{plan.rounds}, each target once per round, order rotated; medians quoted"),
         ("durations", f"{plan.seconds:.0f} s per throughput/latency run; outage run"
                       f" {plan.outage_seconds:.0f} s; backlog of {plan.backlog:,}, filled by load"

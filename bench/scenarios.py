@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from bench.harness import RELAY, Bench, Delivery
-from bench.loads import TRACK_SHAPE, Generator, RunResult, Shape, batch_shape
+from bench.loads import TRACK_SHAPE, RunResult, Shape, batch_shape
 
 BATCH = 100
 TRACK_CONNECTIONS = 64
@@ -124,23 +124,27 @@ async def batch(bench: Bench, plan: Plan) -> Figure:
 
 
 async def latency(bench: Bench, plan: Plan, relay_max: float) -> Figure:
-    """p99 of single events sent at a fixed rate, half of relay's measured maximum, timed from
-    when each was due (the aiohttp generator: wrk cannot hold a rate)."""
+    """p99 of single events sent at about half of relay's measured maximum (see Bench.paced)."""
     rate = max(relay_max / 2, 10.0)
     figure = Figure("latency", f"p99 latency at {rate:.0f} requests/s (half of relay's maximum)",
                     "ms", higher_is_better=False)
-    say(f"\n== {figure.title}: {plan.rounds} round(s) of {plan.seconds:.0f}s, open loop")
+    say(f"\n== {figure.title}: {plan.rounds} round(s) of {plan.seconds:.0f}s, paced")
     for index in range(plan.rounds):
         for target in rotation(bench.targets, index):
             tag = await bench.tag("lat", target)
-            generator = Generator(target, bench.urls[target], TRACK_SHAPE, tag,
-                                  LATENCY_CONNECTIONS)
-            run = await generator.open(rate, plan.seconds, warm_up=WARM_UP)
+            run = await bench.paced(target, TRACK_SHAPE, tag, plan.seconds,
+                                    connections=LATENCY_CONNECTIONS, rate=rate, warm_up=WARM_UP)
             say(describe(run, await checked(bench, run)))
             if target == RELAY:
                 figure.relay.append(run.p99 * 1e3)
             else:
                 figure.baselines.setdefault(target, []).append(run.p99 * 1e3)
             figure.runs.append(run)
-    figure.details.append(("rate held", f"{rate:.0f} requests/s"))
+    held = [r.ok / r.seconds for r in figure.runs if r.target == RELAY and r.seconds]
+    figure.details.append(("rate asked", f"{rate:.0f} requests/s"))
+    if held:
+        figure.details.append(("rate relay held (median)",
+                               f"{statistics.median(held):.0f} requests/s"))
+    figure.details.append(("load", "wrk, each of 64 connections pausing after every answer"
+                           if bench.wrk else "the aiohttp generator, open loop"))
     return figure

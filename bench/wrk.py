@@ -81,6 +81,22 @@ end
 """
 
 
+# For the latency scenario: each connection waits about `pause` ms after an answer before its
+# next request, so 64 connections hold about 64000 / pause requests/s (less the latencies
+# themselves) while wrk, not a Python generator, does the timing. The wait is drawn between
+# half and one and a half times `pause`: equal waits would keep connections answered by the
+# same group commit in lockstep, arriving in bursts of 64.
+PACED = """
+local pause = 0
+local paced_init = init
+function init(args)
+  paced_init(args)
+  pause = tonumber(args[4])
+end
+function delay() return math.floor(pause * (0.5 + math.random())) end
+"""
+
+
 def binary(install: bool) -> str | None:
     """wrk's path; Debian's package is installed first when allowed and it is missing."""
     found = shutil.which("wrk")
@@ -90,23 +106,24 @@ def binary(install: bool) -> str | None:
     return found
 
 
-def script(workdir: Path) -> Path:
-    path = workdir / "bench.lua"
+def script(workdir: Path, paced: bool = False) -> Path:
+    path = workdir / ("bench-paced.lua" if paced else "bench.lua")
     text = SCRIPT.replace("@AUTH@", AUTH).replace("@TS@", TS).replace("@USERS@", str(USERS))
-    path.write_text(text)
+    path.write_text(text + (PACED if paced else ""))
     return path
 
 
 async def run(procs: Procs, wrk: str, target: str, url: str, *, shape: Shape, tag: str,
-              seconds: float, connections: int) -> RunResult:
-    """One wrk run of `seconds` against `url`; its figures as a RunResult."""
-    lua = procs.workdir / "bench.lua"
-    if not lua.exists():
-        script(procs.workdir)
+              seconds: float, connections: int, rate: float | None = None) -> RunResult:
+    """One wrk run of `seconds` against `url`, as fast as it goes or, with `rate`, paced to
+    about that many requests/s; its figures as a RunResult."""
+    lua = script(procs.workdir, paced=rate is not None)
     threads = min(THREADS, connections)
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(round(seconds), 1)}s",
             f"--timeout={TIMEOUT}", "-s", str(lua), url, "--", tag, shape.path,
             str(shape.per_request)]
+    if rate is not None:
+        argv.append(str(max(round(connections * 1000 / rate), 1)))
     proc = procs.start(f"wrk-{tag}", argv)
     try:
         await asyncio.to_thread(proc.popen.wait, seconds + 60)

@@ -9,7 +9,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 
-from relay import config, progress, queue
+from relay import config, progress, queue, queue_db, replay
 
 EXIT_CONFIG = config.EXIT_INVALID
 
@@ -71,8 +71,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def _since(text: str) -> str:
     try:
-        queue.parse_since(text)
-    except queue.QueueError as exc:
+        queue_db.parse_since(text)
+    except queue_db.QueueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
@@ -86,7 +86,7 @@ def _queue_command(func: QueueCommand) -> Callable[[argparse.Namespace], int]:
             return EXIT_CONFIG
         try:
             return func(args, loaded)
-        except queue.QueueError as exc:
+        except queue_db.QueueError as exc:
             print(f"relay queue: {exc}", file=sys.stderr)
         except sqlite3.Error as exc:
             print(f"relay queue: storage {loaded.storage.path}: {exc}", file=sys.stderr)
@@ -156,7 +156,7 @@ def _dead_show(args: argparse.Namespace, loaded: config.Config) -> int:
 def _dead_replay(args: argparse.Namespace, loaded: config.Config) -> int:
     bar = progress.Bar("replay")
     try:
-        done = asyncio.run(queue.dead_replay(loaded, args.upstream, args.since, bar))
+        done = asyncio.run(replay.dead_replay(loaded, args.upstream, args.since, bar))
     finally:
         bar.close()
     for name, count in done.unknown_upstreams.items():

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from fakes import FakeUpstream, Reply, free_port
 
-from relay import cli, config, queue
+from relay import cli, config, queue, queue_db, replay
 from relay.progress import Bar
 
 KEY = "wk-secret-4242"
@@ -247,10 +247,11 @@ async def test_replay_leaves_dead_letters_of_upstreams_no_longer_configured(
         assert await post(http, relay.url, [track("poison-1", "eve")]) == 200
         await until(lambda: len(ids_in(tmp_path / "relay.db", "dead_letters")) == 1, "dead")
     renamed = config.load(str(write_config([seg(upstream, "seg2")])))
-    replayed = await queue.dead_replay(renamed)
+    replayed = await replay.dead_replay(renamed)
     assert (replayed.selected, replayed.unknown_upstreams) == (0, {"seg": 1})
-    with pytest.raises(queue.QueueError, match=r"^upstream 'seg' is not in the config \(seg2\)$"):
-        await queue.dead_replay(renamed, upstream="seg")
+    unknown = r"^upstream 'seg' is not in the config \(seg2\)$"
+    with pytest.raises(queue_db.QueueError, match=unknown):
+        await replay.dead_replay(renamed, upstream="seg")
     assert ids_in(tmp_path / "relay.db", "dead_letters") == [("seg", "poison-1")]
 
 

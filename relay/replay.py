@@ -1,0 +1,136 @@
+"""`relay queue dead replay`: dead letters through the current rules, back into the outbox."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+
+from relay import inventory, protocol
+from relay import queue_db as db
+from relay.config import Config
+from relay.pipeline import Pipeline, RuleContext
+from relay.progress import Progress, silent
+from relay.state import SqliteState
+
+_INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
+           " VALUES (?, ?, ?, ?, ?)")
+_COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
+          " ON CONFLICT(name) DO UPDATE SET count = count + excluded.count")
+
+
+@dataclass
+class Replayed:
+    """What a replay did: re-queued per upstream, dropped per rule, and what it left alone."""
+
+    selected: int = 0
+    requeued: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    unreadable: int = 0
+    unknown_upstreams: dict[str, int] = field(default_factory=dict)
+    full: bool = False  # stopped: the outbox would pass storage.max_bytes
+
+
+async def dead_replay(config: Config, upstream: str | None = None, since: str | None = None,
+                      progress: Progress = silent) -> Replayed:
+    """Runs the selected dead letters through the current rules, back into the outbox.
+
+    Kept messages go to the end of the queue of the upstream they died at; dropped ones are
+    deleted and counted. Each chunk (re-queued rows, deleted dead letters, the rules' state and
+    counters) is one transaction. Dead letters of upstreams no longer configured stay, and so
+    does the rest once the outbox would pass `storage.max_bytes`.
+    """
+    names = [u.name for u in config.upstreams]
+    if upstream is not None and upstream not in names:
+        raise db.QueueError(f"upstream {upstream!r} is not in the config ({', '.join(names)})")
+    where, args = db.dead_filter(upstream, since)
+    marks = ", ".join("?" * len(names))
+    result = Replayed()
+    async with db.connect(config.storage.path) as conn:
+        result.unknown_upstreams = {str(name): int(n) for name, n in await conn.execute_fetchall(
+            f"SELECT upstream, count(*) FROM dead_letters WHERE {where}"
+            f" AND upstream NOT IN ({marks}) GROUP BY upstream ORDER BY upstream", [*args, *names])}
+        where, args = f"{where} AND upstream IN ({marks})", [*args, *names]
+        result.selected = await db.scalar(
+            conn, f"SELECT count(*) FROM dead_letters WHERE {where}", args)
+        state = SqliteState(config.storage.path, config.storage.cache_size)
+        await state.open()
+        try:
+            replay = _Replay(conn, Pipeline(config.rules, config.on_rule_error), state,
+                             config.storage.max_bytes, result)
+            sql = f"{db.DEAD} WHERE id > ? AND {where} ORDER BY id LIMIT {db.CHUNK}"
+            last = done = 0
+            progress(0, result.selected)
+            while not result.full and (rows := await conn.execute_fetchall(sql, [last, *args])):
+                rows = list(rows)
+                last, done = rows[-1][0], done + len(rows)
+                await replay.chunk(rows)
+                progress(done, result.selected)
+        finally:
+            await state.close()
+    return result
+
+
+class _Full(Exception):
+    """The chunk would take the outbox past `storage.max_bytes`."""
+
+
+@dataclass
+class _Replay:
+    """One replay run: a chunk of dead letters through the rules, then one transaction."""
+
+    conn: aiosqlite.Connection
+    pipeline: Pipeline
+    state: SqliteState
+    max_bytes: int
+    result: Replayed
+
+    async def chunk(self, rows: Sequence[Any]) -> None:
+        ctx = RuleContext(state=self.state, route="")
+        kept: dict[int, tuple[str, str, str, str]] = {}
+        dropped: dict[int, str] = {}
+        for row in rows:
+            message = db.loads(row[4])
+            if message is None:
+                self.result.unreadable += 1  # left where it is
+                continue
+            outcome = await self.pipeline.run(message, ctx)
+            if outcome.message is None:
+                dropped[row[0]] = str(outcome.dropped_by)
+            else:
+                final = outcome.message
+                kept[row[0]] = (row[1], row[2], protocol.user_key(final), protocol.dumps(final))
+        try:
+            await self._commit(kept, dropped)
+        except _Full:
+            self.state.forget()
+            self.result.full = True
+        except BaseException:
+            self.state.forget()  # its cache holds writes that were not committed
+            raise
+
+    async def _commit(self, kept: dict[int, tuple[str, str, str, str]],
+                      dropped: dict[int, str]) -> None:
+        ids = [*kept, *dropped]
+        if not ids:
+            return
+        async with db.transaction(self.conn):
+            size = sum(len(row[3]) for row in kept.values())
+            if self.max_bytes and size and (
+                    await inventory.stored_bytes(self.conn) + size > self.max_bytes):
+                raise _Full
+            # Only what this transaction deleted is re-queued: a concurrent purge or replay wins.
+            gone = {row[0] for row in await self.conn.execute_fetchall(
+                f"DELETE FROM dead_letters WHERE id IN ({db.marks(ids)}) RETURNING id", ids)}
+            now = time.time()
+            await self.conn.executemany(_INSERT, [(*kept[i], now) for i in kept if i in gone])
+            drops = Counter(rule for i, rule in dropped.items() if i in gone)
+            await self.conn.executemany(_COUNT, [(f"dropped.{r}", n) for r, n in drops.items()])
+            for sql, params in self.state.drain():
+                await self.conn.executemany(sql, params)
+        self.result.requeued.update(kept[i][0] for i in kept if i in gone)
+        self.result.dropped.update(drops)

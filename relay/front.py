@@ -48,7 +48,8 @@ class Front(asyncio.Protocol):
         self.queue: deque[Work] = deque()
         self.worker: asyncio.Task[None] | None = None
         self.stopped = False  # nothing more is parsed: closing, or handing over
-        self.paused = False
+        self.reading = True
+        self.blocked = False  # the client is not taking its answers (the write buffer is full)
         self.raw: list[bytes] | None = None  # this request's bytes, while its start is known
         self.chunk = b""
         self.between = True  # the parser is between requests
@@ -100,9 +101,7 @@ class Front(asyncio.Protocol):
             self.in_body, self.since = True, time.monotonic()
         if self.queue and self.worker is None:
             self.worker = asyncio.get_running_loop().create_task(self._work())
-        if len(self.queue) >= MAX_QUEUED and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        self._flow()
 
     def eof_received(self) -> bool | None:
         if self.handed is not None:
@@ -114,10 +113,29 @@ class Front(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.handed is not None:
             self.handed.pause_writing()
+            return
+        self.blocked = True
+        self._flow()
 
     def resume_writing(self) -> None:
         if self.handed is not None:
             self.handed.resume_writing()
+            return
+        self.blocked = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Reads only while fewer than MAX_QUEUED requests wait for their answers and the client
+        takes the answers it is sent: one that pipelines without reading must not grow relay's
+        buffers without bound."""
+        wanted = len(self.queue) < MAX_QUEUED and not self.blocked
+        if self.transport is None or wanted == self.reading or self.handed is not None:
+            return
+        self.reading = wanted
+        if wanted:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.door.connections.open -= 1
@@ -242,9 +260,7 @@ class Front(asyncio.Protocol):
                 self._write(answer, item.keep_alive, item.http10)
                 if self.expecting and not self.queue:
                     self._continue()
-                if self.paused and len(self.queue) < MAX_QUEUED and self.transport is not None:
-                    self.paused = False
-                    self.transport.resume_reading()
+                self._flow()
         finally:
             self.worker = None
             self.since = time.monotonic()
@@ -281,8 +297,8 @@ class Front(asyncio.Protocol):
         transport, raw = self.transport, self.raw
         assert transport is not None and raw is not None
         self.handed = self.door.fallback()
-        if self.paused:
-            transport.resume_reading()
+        if not self.reading:
+            transport.resume_reading()  # aiohttp's own flow control takes over
         self.handed.connection_made(transport)
         self.raw = None
         self.handed.data_received(b"".join(raw))

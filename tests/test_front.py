@@ -434,3 +434,27 @@ async def test_expect_100_continue_behind_a_pipelined_post(relay):
         assert interim.status == 100
         writer.write(body)
         assert (await read_response(reader)).status == 200
+
+
+async def test_a_client_that_does_not_read_its_answers_is_no_longer_read(relay):
+    """A client pipelining posts without reading the answers fills its connection's buffers;
+    relay then stops reading from it (instead of buffering answers without bound) and, once the
+    client reads, answers every request it took."""
+    request = post(b"{}", path="/v1/m")  # the SDKs' own metrics: answered without storage
+    count = 60_000  # ~9 MB of answers: more than the sockets' buffers hold
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.listener.port)
+    try:
+        writer.write(request * count)
+        fronts = relay.listener.door.open
+        for _ in range(100):
+            if any(f.blocked and not f.reading for f in fronts):
+                break
+            await asyncio.sleep(0.1)
+        assert any(f.blocked and not f.reading for f in fronts), "relay kept reading"
+        answered = 0
+        async with asyncio.timeout(60):
+            while answered < count:
+                answered += (await read_response(reader)).status == 200
+        assert answered == count
+    finally:
+        writer.close()

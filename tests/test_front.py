@@ -8,71 +8,19 @@ answers carry no Server header and aiohttp's do: that tells which of the two ans
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from rawhttp import connect, read_response, rest_of
 
 from relay import protocol
-
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-@dataclass
-class Response:
-    """One HTTP/1.x answer as read off the socket; header names in lower case."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def code(self) -> str | None:
-        """The `code` of a JSON error body; None for any other body."""
-        try:
-            return self.json().get("code")  # type: ignore[no-any-return]
-        except (ValueError, AttributeError):
-            return None
-
-
-async def read_response(reader: asyncio.StreamReader) -> Response:
-    """Reads one answer: status line, headers, then a Content-Length body (none if absent)."""
-    async with asyncio.timeout(5):
-        status_line = await reader.readline()
-        assert status_line.startswith(b"HTTP/1."), status_line
-        headers: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Response(int(status_line.split()[1]), headers, body)
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
     """True if relay closes the connection (EOF or reset) without sending anything more."""
-    try:
-        async with asyncio.timeout(5):
-            return await reader.read() == b""
-    except ConnectionResetError:
-        return True
-
-
-@contextlib.asynccontextmanager
-async def connect(relay: Any) -> AsyncIterator[Stream]:
-    """A raw TCP connection to the running relay."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.listener.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+    return await rest_of(reader) == b""
 
 
 def track(message_id: str, event: str = "Clicked") -> bytes:
@@ -102,7 +50,7 @@ async def only_these_delivered(relay: Any, upstream: Any, ids: list[str]) -> lis
     """Posts one more message on a new connection, waits for it upstream and returns every
     messageId the upstream accepted: the outbox is first in, first out, so anything stored
     before the marker would show up by then."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("marker")))
         assert (await read_response(reader)).status == 200
     await upstream.wait_for(len(ids) + 1)
@@ -119,7 +67,7 @@ async def relay(upstream, write_config, start_relay):
 async def test_keep_alive_connection_survives_the_handover(relay, upstream):
     """One keep-alive connection: a post answered by the Front, a GET handed over to aiohttp,
     then a post that aiohttp answers; both messages reach the upstream."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("ka-1")))
         first = await read_response(reader)
         assert (first.status, first.json()) == (200, {"success": True})
@@ -139,7 +87,7 @@ async def test_keep_alive_connection_survives_the_handover(relay, upstream):
 async def test_front_answer_headers(relay):
     """The Front's answer carries Content-Type, Content-Length and Date, and keeps the
     connection open."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("h-1")))
         answer = await read_response(reader)
         assert answer.status == 200
@@ -153,7 +101,7 @@ async def test_front_answer_headers(relay):
 
 async def test_three_pipelined_posts(relay, upstream):
     """Three event posts pipelined in one write get three 200s and deliver three messages."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(b"".join(post(track(f"p-{i}")) for i in range(3)))
         answers = [await read_response(reader) for _ in range(3)]
     assert [a.status for a in answers] == [200, 200, 200]
@@ -164,7 +112,7 @@ async def test_three_pipelined_posts(relay, upstream):
 async def test_pipelined_answers_keep_request_order(relay, upstream):
     """Pipelined posts are answered in the order they were sent (a bad body in the middle
     gets its 400 in the middle) and the connection stays usable."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("o-1")) + post(b"not json") + post(track("o-3")))
         answers = [await read_response(reader) for _ in range(3)]
         assert [a.status for a in answers] == [200, 400, 200]
@@ -178,7 +126,7 @@ async def test_pipelined_answers_keep_request_order(relay, upstream):
 async def test_get_pipelined_behind_a_post_is_refused(relay, upstream):
     """A GET pipelined in the same write behind a post: the post gets 200, the GET 400
     pipelined_request, then the connection closes."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("pl-1")) + get("/healthz"))
         first = await read_response(reader)
         second = await read_response(reader)
@@ -202,7 +150,7 @@ async def test_get_starting_in_the_chunk_that_ends_a_post_body(relay):
     is either handed over intact (200 from aiohttp) or refused as pipelined, never garbled."""
     whole = post(track("split-1"))
     cut = len(whole) - 10  # the body's last 10 bytes go in the GET's write
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         await send_split(writer, whole[:cut], whole[cut:] + get("/healthz"))
         first = await read_response(reader)
         second = await read_response(reader)
@@ -215,7 +163,7 @@ async def test_post_body_bytes_are_never_parsed_as_a_request(relay):
     smuggling through the handover), however the body is split across writes."""
     smuggled = b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n"
     whole = post(b"not json " + smuggled)
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         await send_split(writer, whole[:-len(smuggled)], smuggled + get("/healthz"))
         first = await read_response(reader)
         second = await read_response(reader)
@@ -226,7 +174,7 @@ async def test_post_body_bytes_are_never_parsed_as_a_request(relay):
 async def test_handover_of_a_head_sent_in_pieces(relay):
     """A GET whose head arrives in three writes is handed to aiohttp whole and answered 200."""
     request = get("/healthz")
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         step = len(request) // 3 + 1
         for start in range(0, len(request), step):
             writer.write(request[start:start + step])
@@ -259,7 +207,7 @@ REFUSALS = [
 async def test_refusals(relay, upstream, request_bytes, status, code):
     """A malformed or oversized request gets its 4xx JSON {"code","message"} as the very first
     answer, the connection closes, and nothing of it is stored or forwarded."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(request_bytes)
         answer = await read_response(reader)
         assert answer.status == status
@@ -275,7 +223,7 @@ async def test_chunked_body_over_the_limit_is_413(relay, upstream):
     size = protocol.MAX_REQUEST_BYTES + 1
     head = (b"POST /v1/batch HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"%x\r\n" % size)
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         # The body's last byte crosses the limit; nothing follows it, so relay has read all
         # that was sent when it closes (no reset to race the answer).
         writer.write(head + b"[" * size)
@@ -289,7 +237,7 @@ async def test_expect_100_continue(relay, upstream):
     """Expect: 100-continue gets "HTTP/1.1 100 Continue" before the body is sent, then a 200
     once it is."""
     body = track("ex-1")
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(body, "Expect: 100-continue")[:-len(body)])
         interim = await read_response(reader)
         assert interim.status == 100 and interim.body == b""
@@ -301,7 +249,7 @@ async def test_expect_100_continue(relay, upstream):
 
 async def test_connection_close_is_honoured(relay, upstream):
     """A post with Connection: close is answered with Connection: close, then closed."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("cc-1"), "Connection: close"))
         answer = await read_response(reader)
         assert answer.status == 200 and answer.headers["connection"] == "close"
@@ -311,7 +259,7 @@ async def test_connection_close_is_honoured(relay, upstream):
 
 async def test_http10_without_keep_alive_closes(relay, upstream):
     """An HTTP/1.0 post without Connection: keep-alive is answered and then closed."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("h10-1"), version="1.0"))
         answer = await read_response(reader)
         assert answer.status == 200
@@ -322,7 +270,7 @@ async def test_http10_without_keep_alive_closes(relay, upstream):
 async def test_http10_with_keep_alive_stays_open(relay, upstream):
     """An HTTP/1.0 post with Connection: keep-alive is answered with Connection: keep-alive and
     the connection stays open for another."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("k10-1"), "Connection: keep-alive", version="1.0"))
         first = await read_response(reader)
         assert first.status == 200 and first.headers["connection"] == "keep-alive"
@@ -336,7 +284,7 @@ async def test_chunked_gzip_body(relay, upstream):
     """A gzip-compressed track body sent chunked is accepted and delivered with its event."""
     packed = gzip.compress(track("gz-1", event="Gzipped Chunks"))
     half = len(packed) // 2
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(chunked([packed[:half], packed[half:]], "Content-Encoding: gzip"))
         answer = await read_response(reader)
     assert answer.status == 200
@@ -349,7 +297,7 @@ async def test_body_in_several_writes(relay, upstream):
     body = track("slow-1")
     request = post(body)
     head, third = len(request) - len(body), len(body) // 3
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         for start, end in ((0, head + third), (head + third, head + 2 * third),
                            (head + 2 * third, len(request))):
             writer.write(request[start:end])
@@ -362,7 +310,7 @@ async def test_body_in_several_writes(relay, upstream):
 
 async def test_cors_default_allows_any_origin(relay):
     """With the default allow_origins ["*"], an event answer carries Allow-Origin: *."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("co-1"), "Origin: https://app.example.com"))
         answer = await read_response(reader)
     assert answer.status == 200
@@ -374,7 +322,7 @@ async def test_cors_listed_origin(upstream, write_config, start_relay):
     Allow-Origin with Vary: Origin; a post from another origin gets no Allow-Origin."""
     path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
                         cors={"allow_origins": ["https://app.example.com"]})
-    async with start_relay(path) as relay, connect(relay) as (reader, writer):
+    async with start_relay(path) as relay, connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("co-2"), "Origin: https://app.example.com"))
         allowed = await read_response(reader)
         writer.write(post(track("co-3"), "Origin: https://evil.example.com"))
@@ -390,7 +338,7 @@ async def test_cors_listed_origin(upstream, write_config, start_relay):
 async def test_many_pipelined_posts(relay, upstream):
     """Twenty posts pipelined in one write (more than the Front queues before pausing its
     reads) all get their 200 and are delivered, and a handover still works after them."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(b"".join(post(track(f"m-{i}")) for i in range(20)))
         answers = [await read_response(reader) for _ in range(20)]
         assert [a.status for a in answers] == [200] * 20
@@ -403,7 +351,7 @@ async def test_many_pipelined_posts(relay, upstream):
 async def test_refusal_pipelined_behind_a_post(relay, upstream):
     """Garbage pipelined behind a good post: the post gets 200 and is delivered, the garbage
     400 invalid_http, then the connection closes."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("rb-1")) + b"NOT HTTP\r\n\r\n")
         first = await read_response(reader)
         second = await read_response(reader)
@@ -415,7 +363,7 @@ async def test_refusal_pipelined_behind_a_post(relay, upstream):
 
 async def test_post_behind_connection_close_is_not_stored(relay, upstream):
     """A post pipelined behind a Connection: close post is neither answered nor stored."""
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("ac-1"), "Connection: close") + post(track("ac-2")))
         answer = await read_response(reader)
         assert answer.status == 200 and answer.headers["connection"] == "close"
@@ -427,7 +375,7 @@ async def test_expect_100_continue_behind_a_pipelined_post(relay):
     """A request with Expect: 100-continue pipelined behind another post gets its 100 Continue
     once the post before it is answered."""
     body = track("exp-2")
-    async with connect(relay) as (reader, writer):
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("exp-1")) + post(body, "Expect: 100-continue")[:-len(body)])
         assert (await read_response(reader)).status == 200
         interim = await read_response(reader)  # TimeoutError after 5 s: no 100 Continue
@@ -442,8 +390,7 @@ async def test_a_client_that_does_not_read_its_answers_is_no_longer_read(relay):
     client reads, answers every request it took."""
     request = post(b"{}", path="/v1/m")  # the SDKs' own metrics: answered without storage
     count = 60_000  # ~9 MB of answers: more than the sockets' buffers hold
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.listener.port)
-    try:
+    async with connect(relay.listener.port) as (reader, writer):
         writer.write(request * count)
         fronts = relay.listener.door.open
         for _ in range(100):
@@ -456,5 +403,3 @@ async def test_a_client_that_does_not_read_its_answers_is_no_longer_read(relay):
             while answered < count:
                 answered += (await read_response(reader)).status == 200
         assert answered == count
-    finally:
-        writer.close()

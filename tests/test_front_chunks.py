@@ -16,18 +16,15 @@ import contextlib
 import gzip
 import itertools
 import json
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-
-Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+from rawhttp import Response, connect, read_response, rest_of
 
 POSTS = ("track", "batch", "bad_json", "chunked", "gzip")
 BAD_BODIES = (b"not json", b"{", b'{"userId": "u1", "event":', b"\xff\xfe{}", b"[1, 2")
@@ -119,60 +116,6 @@ def get_shares_a_write(requests: list[Request], positions: list[int]) -> bool:
     return start not in positions
 
 
-@dataclass
-class Response:
-    """One answer as read off the socket."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def code(self) -> str | None:
-        """The `code` of a JSON error body; None for any other body."""
-        try:
-            value = json.loads(self.body)
-        except ValueError:
-            return None
-        return value.get("code") if isinstance(value, dict) else None
-
-
-async def read_response(reader: asyncio.StreamReader, seen: list[Response]) -> Response:
-    """Reads one answer (status line, headers, Content-Length body)."""
-    async with asyncio.timeout(5):
-        status_line = await reader.readline()
-        assert status_line.startswith(b"HTTP/1."), (
-            f"got {status_line!r} after {[(r.status, r.code()) for r in seen]}")
-        headers: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Response(int(status_line.split()[1]), headers, body)
-
-
-async def rest_of(reader: asyncio.StreamReader) -> bytes:
-    """Everything relay sends until it closes the connection (reset counts as a close)."""
-    try:
-        async with asyncio.timeout(5):
-            return await reader.read()
-    except ConnectionResetError:
-        return b""
-
-
-@contextlib.asynccontextmanager
-async def connect(port: int) -> AsyncIterator[Stream]:
-    """A raw TCP connection to relay, with Nagle off so that each write leaves on its own."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 async def delivered(upstream: Any, ids: set[str], seconds: float = 10.0) -> set[str]:
     """Waits until every id of `ids` was accepted upstream; returns all ids accepted so far."""
     deadline = time.monotonic() + seconds
@@ -246,7 +189,8 @@ async def test_answers_do_not_depend_on_the_cuts(relay, upstream, sent, *, kinds
             await writer.drain()
             await asyncio.sleep(pause_ms / 1000)
         for _ in requests:
-            answers.append(await read_response(reader, answers))
+            answers.append(await read_response(
+                reader, f"after {[(r.status, r.code()) for r in answers]}"))
         with contextlib.suppress(ConnectionError):
             writer.write_eof()  # nothing more comes: relay (or aiohttp) closes its side too
         extra = await rest_of(reader)

@@ -61,17 +61,10 @@ class Cors:
             "Access-Control-Max-Age": self.max_age,
         })
 
-    def allowed_origin(self, request: web.Request) -> str | None:
-        """The Access-Control-Allow-Origin value for this request, or None for no access."""
-        if self.any:
-            return "*"
-        origin = request.headers.get("Origin")
-        if origin is not None and normalized(origin) in self.origins:
-            return origin
-        return None
-
     def headers_for(self, origin: str | None) -> tuple[tuple[str, str], ...]:
-        """What `on_prepare` adds to an answer on an event route, for a request from `origin`."""
+        """What every answer on relay's browser paths carries for a request from `origin`:
+        allow-origin when allowed, and, unless any origin is, `Vary: Origin` (the answer then
+        differs by Origin: a shared cache must not give one origin's to another)."""
         if self.any:
             return _ANY
         if origin is not None and normalized(origin) in self.origins:
@@ -84,13 +77,9 @@ class Cors:
         path = request.path
         if path not in self.paths and not path.startswith(self.prefixes):
             return
-        allowed = self.allowed_origin(request)
-        if allowed is not None:
-            response.headers["Access-Control-Allow-Origin"] = allowed
-        if not self.any:
-            # The answer differs by Origin: a shared cache must not give one origin's to another.
-            vary = response.headers.get("Vary")
+        for name, value in self.headers_for(request.headers.get("Origin")):
+            vary = response.headers.get("Vary") if name == "Vary" else None
             if vary is None:
-                response.headers["Vary"] = "Origin"
+                response.headers[name] = value
             elif "origin" not in vary.lower():
                 response.headers["Vary"] = f"{vary}, Origin"

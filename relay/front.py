@@ -30,6 +30,8 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 # Requests parsed ahead of their answers (pipelining) before reading pauses.
 MAX_QUEUED = 8
+# What an event post's answer depends on, besides its route and body.
+_CALL_HEADERS = frozenset({b"content-encoding", b"authorization", b"origin", b"x-forwarded-for"})
 
 
 class Fatal(Exception):
@@ -195,11 +197,20 @@ class Front(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.route is not None
+        found: dict[bytes, str] = {}
+        forwarded: list[str] = []
+        for key, value in self.headers:  # one pass over them, not one per header asked for
+            name = key.lower()
+            if name in _CALL_HEADERS:
+                text = value.decode("utf-8", "surrogateescape")  # as aiohttp does
+                if name == b"x-forwarded-for":
+                    forwarded.append(text)
+                else:
+                    found.setdefault(name, text)
         self.queue.append(Call(
-            self.route, b"".join(self.body), self._header(b"content-encoding") or "",
-            self._header(b"authorization"), self._header(b"origin"),
-            self._headers(b"x-forwarded-for"), self.parser.should_keep_alive(),
-            self.parser.get_http_version() == "1.0"))
+            self.route, b"".join(self.body), found.get(b"content-encoding", ""),
+            found.get(b"authorization"), found.get(b"origin"), forwarded,
+            self.parser.should_keep_alive(), self.parser.get_http_version() == "1.0"))
         self.between, self.in_body, self.raw, self.expecting = True, False, None, False
         self.route = None  # its count goes with the Call
         self._reset()
@@ -211,10 +222,6 @@ class Front(asyncio.Protocol):
             if key.lower() == name:
                 return value.decode("utf-8", "surrogateescape")  # as aiohttp does
         return None
-
-    def _headers(self, name: bytes) -> list[str]:
-        return [v.decode("utf-8", "surrogateescape") for k, v in self.headers
-                if k.lower() == name]
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answers once the requests before this one are answered, then closes; stops the

@@ -30,6 +30,12 @@ MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
 # Requests parsed ahead of their answers (pipelining) before reading pauses.
 MAX_QUEUED = 8
+# After a refusal the client may still be sending the body: closing with unread bytes makes the
+# kernel reset the connection, and a client that sends before it reads (most do) then sees the
+# reset instead of the answer. So what follows is read and dropped until the client closes, is
+# silent for LINGER_IDLE seconds, or LINGER_MOST seconds have passed.
+LINGER_IDLE = 2.0
+LINGER_MOST = 10.0
 # What an event post's answer depends on, besides its route and body.
 _CALL_HEADERS = frozenset({b"content-encoding", b"authorization", b"origin", b"x-forwarded-for"})
 
@@ -61,6 +67,7 @@ class Front(asyncio.Protocol):
         self.since = time.monotonic()  # when the current wait (head or body) began
         self.in_body = False
         self.eof = False
+        self.lingering = 0.0  # when a refusal's lingering close began; 0 when not lingering
         self._reset()
 
     def _reset(self) -> None:
@@ -87,6 +94,8 @@ class Front(asyncio.Protocol):
         if self.stopped:
             if self.raw is not None:
                 self.raw.append(data)  # for aiohttp, once the answers before it are out
+            elif self.lingering:
+                self.since = time.monotonic()
             return
         self.chunk, self.begun, self.fresh = data, 0, self.between
         if self.raw is not None:
@@ -110,7 +119,7 @@ class Front(asyncio.Protocol):
             return self.handed.eof_received()
         # Half-closed by the client: what it sent is still answered, then the connection closes.
         self.eof = True
-        return self.worker is not None
+        return self.worker is not None and not self.lingering
 
     def pause_writing(self) -> None:
         if self.handed is not None:
@@ -130,7 +139,7 @@ class Front(asyncio.Protocol):
         """Reads only while fewer than MAX_QUEUED requests wait for their answers and the client
         takes the answers it is sent: one that pipelines without reading must not grow relay's
         buffers without bound."""
-        wanted = len(self.queue) < MAX_QUEUED and not self.blocked
+        wanted = bool(self.lingering) or len(self.queue) < MAX_QUEUED and not self.blocked
         if self.transport is None or wanted == self.reading or self.handed is not None:
             return
         self.reading = wanted
@@ -257,7 +266,7 @@ class Front(asyncio.Protocol):
                     self._give_to_aiohttp()
                     return
                 if isinstance(item, Refusal):
-                    self._write(item.answer, keep_alive=False, http10=False)
+                    self._linger(item.answer)
                     return
                 try:
                     answer = await self._answer(item)
@@ -300,6 +309,19 @@ class Front(asyncio.Protocol):
             self.stopped = True
             transport.close()
 
+    def _linger(self, answer: Answer) -> None:
+        """Sends a refusal and half-closes; the rest of the request is read and dropped."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(head(answer, b"close", int(time.time())) + answer.body)
+        if self.eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.lingering = time.monotonic()
+        self._flow()
+
     def _give_to_aiohttp(self) -> None:
         transport, raw = self.transport, self.raw
         assert transport is not None and raw is not None
@@ -314,6 +336,10 @@ class Front(asyncio.Protocol):
         """Called about four times a second: closes a connection whose request head (or next
         request, after an answer) takes over header_seconds, or whose body takes over
         body_seconds (408)."""
+        if self.lingering and self.transport is not None:
+            if now - self.since > LINGER_IDLE or now - self.lingering > LINGER_MOST:
+                self.transport.close()
+            return
         if self.handed is not None or self.worker is not None or self.queue or self.stopped:
             return
         if self.in_body:

@@ -8,14 +8,16 @@ answers carry no Server header and aiohttp's do: that tells which of the two ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import socket
 from typing import Any
 
 import pytest
 from rawhttp import connect, read_response, rest_of
 
-from relay import protocol
+from relay import front, protocol
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
@@ -403,3 +405,61 @@ async def test_a_client_that_does_not_read_its_answers_is_no_longer_read(relay):
             while answered < count:
                 answered += (await read_response(reader)).status == 200
         assert answered == count
+
+
+def send_then_read(port: int, data: bytes) -> bytes:
+    """What a blocking HTTP client does (http.client, requests): send the whole request, then
+    read the answer; a reset on either side raises."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("size", [protocol.MAX_REQUEST_BYTES + 1, 4 * 1024 * 1024])
+async def test_oversized_body_sent_whole_still_reads_413(relay, upstream, size):
+    """A client that sends all of an oversized body before reading gets its 413, not a
+    connection reset: relay reads and drops what follows a refusal before it closes."""
+    request = post(b"[" * size, path="/v1/batch")
+    for _ in range(5):  # a reset is a race; five tries made it show every time
+        answer = await asyncio.to_thread(send_then_read, relay.listener.port, request)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+        assert b'"request_too_large"' in answer
+    assert await only_these_delivered(relay, upstream, []) == ["marker"]
+
+
+async def open_fronts(relay: Any, want: int) -> int:
+    """Waits up to 5 s for relay to hold `want` connections; returns how many it holds."""
+    door = relay.listener.door
+    for _ in range(100):
+        if len(door.open) == want:
+            break
+        await asyncio.sleep(0.05)
+    return len(door.open)
+
+
+async def trickle(writer: asyncio.StreamWriter) -> None:
+    """Sends a byte every 0.1 s until relay is gone."""
+    with contextlib.suppress(ConnectionError):
+        for _ in range(100):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("trickling", [False, True], ids=["silent", "trickling"])
+async def test_lingering_after_a_refusal_ends(relay, monkeypatch, trickling):
+    """After a refusal relay stops waiting for the rest of the body: a silent client is closed
+    after LINGER_IDLE, one that keeps sending after LINGER_MOST."""
+    monkeypatch.setattr(front, "LINGER_IDLE", 0.3)
+    monkeypatch.setattr(front, "LINGER_MOST", 1.0)
+    async with connect(relay.listener.port) as (reader, writer):
+        writer.write(post(b"x" * HUGE_LENGTH)[:-HUGE_LENGTH])
+        assert (await read_response(reader)).status == 413
+        sender = asyncio.create_task(trickle(writer) if trickling else asyncio.sleep(0))
+        assert await open_fronts(relay, 0) == 0
+        assert trickling == (not sender.done())
+        sender.cancel()

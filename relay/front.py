@@ -139,7 +139,7 @@ class Front(asyncio.Protocol):
         """Reads only while fewer than MAX_QUEUED requests wait for their answers and the client
         takes the answers it is sent: one that pipelines without reading must not grow relay's
         buffers without bound."""
-        wanted = bool(self.lingering) or len(self.queue) < MAX_QUEUED and not self.blocked
+        wanted = bool(self.lingering) or (len(self.queue) < MAX_QUEUED and not self.blocked)
         if self.transport is None or wanted == self.reading or self.handed is not None:
             return
         self.reading = wanted

@@ -17,6 +17,9 @@ from relay.protocol import Route
 if TYPE_CHECKING:
     from relay.front import Front
 
+# What an event post's answer depends on, besides its route and body.
+_CALL_HEADERS = frozenset({b"content-encoding", b"authorization", b"origin", b"x-forwarded-for"})
+
 
 @dataclass
 class Door:
@@ -47,6 +50,17 @@ class Door:
         if not self.inflight:
             self.idle.set()
 
+    async def answer(self, call: Call, peer: str | None) -> Answer:
+        """Stores the post's messages (or refuses them) and says what to answer."""
+        remote = peer
+        if self.proxies.networks:
+            remote = self.proxies.client_of(peer, call.forwarded)
+        answer = await self.ingest().answer(call.route, call.body, call.encoding,
+                                            call.authorization, remote)
+        if self.cors is not None:
+            answer = answer.with_headers(self.cors.headers_for(call.origin))
+        return answer
+
 
 @dataclass
 class Call:
@@ -60,6 +74,23 @@ class Call:
     forwarded: list[str]
     keep_alive: bool
     http10: bool  # keep-alive must then be said in the answer
+
+    @classmethod
+    def of(cls, route: Route, headers: list[tuple[bytes, bytes]], body: bytes,
+           keep_alive: bool, http10: bool) -> Call:
+        """The call of a parsed request: of its headers, only those its answer depends on."""
+        found: dict[bytes, str] = {}
+        forwarded: list[str] = []
+        for key, value in headers:  # one pass over them, not one per header asked for
+            name = key.lower()
+            if name in _CALL_HEADERS:
+                text = value.decode("utf-8", "surrogateescape")  # as aiohttp does
+                if name == b"x-forwarded-for":
+                    forwarded.append(text)
+                else:
+                    found.setdefault(name, text)
+        return cls(route, body, found.get(b"content-encoding", ""), found.get(b"authorization"),
+                   found.get(b"origin"), forwarded, keep_alive, http10)
 
 
 @dataclass

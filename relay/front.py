@@ -36,8 +36,6 @@ MAX_QUEUED = 8
 # silent for LINGER_IDLE seconds, or LINGER_MOST seconds have passed.
 LINGER_IDLE = 2.0
 LINGER_MOST = 10.0
-# What an event post's answer depends on, besides its route and body.
-_CALL_HEADERS = frozenset({b"content-encoding", b"authorization", b"origin", b"x-forwarded-for"})
 
 
 class Fatal(Exception):
@@ -206,20 +204,9 @@ class Front(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.route is not None
-        found: dict[bytes, str] = {}
-        forwarded: list[str] = []
-        for key, value in self.headers:  # one pass over them, not one per header asked for
-            name = key.lower()
-            if name in _CALL_HEADERS:
-                text = value.decode("utf-8", "surrogateescape")  # as aiohttp does
-                if name == b"x-forwarded-for":
-                    forwarded.append(text)
-                else:
-                    found.setdefault(name, text)
-        self.queue.append(Call(
-            self.route, b"".join(self.body), found.get(b"content-encoding", ""),
-            found.get(b"authorization"), found.get(b"origin"), forwarded,
-            self.parser.should_keep_alive(), self.parser.get_http_version() == "1.0"))
+        self.queue.append(Call.of(
+            self.route, self.headers, b"".join(self.body), self.parser.should_keep_alive(),
+            self.parser.get_http_version() == "1.0"))
         self.between, self.in_body, self.raw, self.expecting = True, False, None, False
         self.route = None  # its count goes with the Call
         self._reset()
@@ -269,7 +256,7 @@ class Front(asyncio.Protocol):
                     self._linger(item.answer)
                     return
                 try:
-                    answer = await self._answer(item)
+                    answer = await self.door.answer(item, self.peer)
                 finally:
                     self.door.leave()
                 self.queue.popleft()
@@ -282,16 +269,6 @@ class Front(asyncio.Protocol):
             self.since = time.monotonic()
             if self.eof and self.transport is not None and self.handed is None:
                 self.transport.close()
-
-    async def _answer(self, call: Call) -> Answer:
-        remote = self.peer
-        if self.door.proxies.networks:
-            remote = self.door.proxies.client_of(self.peer, call.forwarded)
-        answer = await self.door.ingest().answer(call.route, call.body, call.encoding,
-                                                 call.authorization, remote)
-        if self.door.cors is not None:
-            answer = answer.with_headers(self.door.cors.headers_for(call.origin))
-        return answer
 
     def _continue(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import aiosqlite
 
-from relay import inventory
+from relay import inventory, state
 from relay.capacity import Capacity, OutboxFull
 from relay.writer import Writer
 
@@ -87,6 +87,8 @@ _DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueue
          " status, answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
           " ON CONFLICT(name) DO UPDATE SET count = count + excluded.count")
+# Upserts whose rows are (key, n) and add n to the key's row: rows for one key may be summed.
+_ADDITIVE = frozenset({_COUNT, state.UNGROUPED})
 
 
 class Outbox:
@@ -297,13 +299,17 @@ def _ids(pending: Iterable[Pending]) -> tuple[str]:
 
 
 def _merged(statements: Iterable[Statement]) -> list[Statement]:
-    """Adjacent statements with the same SQL as one executemany; order is kept."""
-    out: list[Statement] = []
+    """One executemany per SQL text (in the order each first appears, its rows in their order)
+    instead of one per request, and counts for one key summed first. Writes of different SQL
+    texts commute: outbox rows are only inserted with fresh ids (AUTOINCREMENT) or deleted by
+    id, and every other table is written by one SQL text alone."""
+    by_sql: dict[str, list[tuple[Any, ...]]] = {}
     for sql, rows in statements:
-        if not rows:
-            continue
-        if out and out[-1][0] == sql:
-            out[-1][1].extend(rows)
-        else:
-            out.append((sql, list(rows)))
-    return out
+        if rows:
+            by_sql.setdefault(sql, []).extend(rows)
+    for sql in _ADDITIVE & by_sql.keys():
+        sums: dict[Any, int] = {}
+        for key, n in by_sql[sql]:
+            sums[key] = sums.get(key, 0) + n
+        by_sql[sql] = list(sums.items())
+    return list(by_sql.items())

@@ -40,7 +40,7 @@ _INTERNAL = "INSERT OR IGNORE INTO internal_users (ref, reason, first_seen) VALU
 _LINK = "INSERT OR REPLACE INTO id_links (anonymous_id, user_id) VALUES (?, ?)"
 _MEMBER = ("INSERT INTO group_members (ref, group_id, first_seen, last_seen) VALUES (?, ?, ?, ?)"
            " ON CONFLICT(ref, group_id) DO UPDATE SET last_seen = excluded.last_seen")
-_UNGROUPED = ("INSERT INTO ungrouped_tracks (ref, count) VALUES (?, ?) ON CONFLICT(ref)"
+UNGROUPED = ("INSERT INTO ungrouped_tracks (ref, count) VALUES (?, ?) ON CONFLICT(ref)"
               " DO UPDATE SET count = count + excluded.count")
 
 
@@ -150,7 +150,7 @@ class SqliteState:
     def drain(self) -> list[Statement]:
         """The writes made since the last drain, for the outbox to commit with the messages."""
         if self._ungrouped:
-            self._pending.append((_UNGROUPED, list(self._ungrouped.items())))
+            self._pending.append((UNGROUPED, list(self._ungrouped.items())))
             self._ungrouped.clear()
         pending, self._pending = self._pending, []
         return [] if self.dry else pending

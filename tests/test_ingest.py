@@ -203,6 +203,24 @@ async def test_concurrent_requests_share_commits(running, upstream):
     await upstream.wait_for(200)
 
 
+async def test_counts_of_requests_sharing_a_commit_add_up(running, upstream):
+    """Counters written by requests that share a commit add up: 100 concurrent batches, each
+    with one message the vendor would drop, count 100 drops, and their 100 valid messages
+    arrive."""
+    relay, http = running
+    before = relay.relay.outbox.commits
+    body = {"batch": [{"type": "track", "userId": "u"},
+                      {"type": "track", "userId": "u", "event": "E"}]}
+    results = await asyncio.gather(*(
+        post(http, relay.url + "/v1/batch", body) for _ in range(100)))
+    assert all(r[0] == 200 for r in results)
+    assert relay.relay.outbox.commits - before < 100
+    invalid = {k: n for k, n in counters(relay.config.storage.path).items()
+               if k.startswith("invalid.")}
+    assert invalid == {"invalid.track_without_event": 100}
+    await upstream.wait_for(100)
+
+
 async def test_health_and_readiness(running):
     """/healthz answers alive; /readyz reports storage writable and forwarders running."""
     relay, http = running

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -138,12 +137,12 @@ class Ingest:
             self.state.forget()
             raise
         if "dropped.outbox_full" in counts:
-            tally[("dropped", "storage", "outbox_full")] += counts["dropped.outbox_full"]
+            tally[("dropped", "storage", "outbox_full")] = counts["dropped.outbox_full"]
         self.metrics.record(tally)  # only now: a request refused with 503 comes again
 
     async def process(
         self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None
-    ) -> tuple[list[Entry], Counter[str], Tally]:
+    ) -> tuple[list[Entry], dict[str, int], Tally]:
         """Each item validated, stamped and run through the rules; what is left, serialised,
         with the durable counters and the metrics' tally of what happened."""
         received = clock.now()
@@ -177,8 +176,8 @@ class Ingest:
 
 class _Seen:
     """What one request's messages came to, tallied by kind once per request, not per message
-    (plain dictionaries: a single event's request makes one of these, and Counters cost more
-    to make than to fill)."""
+    (plain dictionaries, here and in what it returns: a single event's request makes one of
+    these, and Counters cost more to make than to fill)."""
 
     __slots__ = ("changed", "dropped", "invalid", "types")
 
@@ -188,7 +187,7 @@ class _Seen:
         self.changed: dict[str, int] = {}
         self.dropped: dict[tuple[str, str], int] = {}
 
-    def totals(self) -> tuple[Counter[str], Tally]:
+    def totals(self) -> tuple[dict[str, int], Tally]:
         """The durable counters and the metrics' tally, keyed as they always were."""
         counts: dict[str, int] = {}
         tally: dict[tuple[str, str, str], int] = {}
@@ -203,7 +202,7 @@ class _Seen:
         for (step, reason), n in self.dropped.items():
             counts[f"dropped.{step}"] = counts.get(f"dropped.{step}", 0) + n
             tally[("dropped", step, reason)] = n
-        return Counter(counts), Counter(tally)
+        return counts, tally
 
 
 def _add(counts: dict[Any, int], key: Any) -> None:

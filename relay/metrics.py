@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,7 +14,7 @@ from relay.inventory import QueueStats
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # What one request did, for the message counters: (what, label, label) -> how many.
-Tally = Counter[tuple[str, str, str]]
+Tally = dict[tuple[str, str, str], int]
 
 
 class Metrics:

@@ -8,7 +8,6 @@ import logging
 import os
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -163,7 +162,7 @@ class Outbox:
         self,
         write_key: str,
         entries: Sequence[Entry],
-        counts: Counter[str],
+        counts: dict[str, int],
         state: Sequence[Statement] = (),
     ) -> None:
         """Commits `entries` into every upstream's queue with `counts` and the rules' `state`
@@ -177,7 +176,7 @@ class Outbox:
         except OutboxFull as exc:
             raise StorageError(str(exc)) from None
         if room:
-            counts["dropped.outbox_full"] += len(room[0][1])
+            counts["dropped.outbox_full"] = counts.get("dropped.outbox_full", 0) + len(room[0][1])
         await self._submit([*room, (_INSERT, rows), (_COUNT, list(counts.items())), *state])
         self.capacity.added(size)
         if rows:

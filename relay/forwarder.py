@@ -70,6 +70,7 @@ class Forwarder:
         self.paused = False
         self._deadline: float | None = None
         self._stop = asyncio.Event()
+        self._ahead: asyncio.Task[list[Pending]] | None = None  # the next batch, read ahead
 
     def stop(self, grace_seconds: float) -> None:
         """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
@@ -80,32 +81,49 @@ class Forwarder:
     async def run(self) -> None:
         """The delivery loop; returns after `stop` once the queue is empty or the grace is over."""
         signal = self.outbox.signal(self.upstream.name)
+        try:
+            await self._deliver_all(signal)
+        finally:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:  # stopped while a batch was read ahead: not needed now
+                ahead.cancel()
+                if ahead.done() and not ahead.cancelled():
+                    ahead.exception()  # retrieved, so that asyncio does not log it
+
+    async def _deliver_all(self, signal: asyncio.Event) -> None:
         while not self._out_of_time():
             signal.clear()
             try:
-                batch = await self.outbox.next_batch(
-                    self.upstream.name,
-                    self.upstream.max_batch_messages,
-                    self.upstream.max_batch_bytes,
-                    by_key=not self.upstream.write_key,
-                )
-                batch = self._fit(batch)
+                batch = self._fit(await (self._ahead or self._read()))
+                self._ahead = None
                 if not batch:
                     if self._stop.is_set():
                         return
                     await _wait(signal, 1.0)
                     continue
+                if len(batch) == self.upstream.max_batch_messages:
+                    # A backlog: the next batch is read while this one is on its way (ids
+                    # only grow, so what follows this batch now is what will follow it then).
+                    self._ahead = asyncio.create_task(self._read(after=batch[-1].id))
                 wait = await self.deliver(batch)
             except (StorageError, sqlite3.Error) as exc:
                 # Delivered but not yet deleted is fine: it is sent again, and the vendor
                 # deduplicates on messageId. Losing the loop is not.
                 wait = self._storage_failed(exc)
+            if wait is not None and self._ahead is not None:
+                await _discard(self._ahead)  # this batch is read again first
+                self._ahead = None
             if wait is not None:
                 await self._sleep(wait)
             elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
                 # Under a steady stream, a short pause fills the next batch instead of sending
                 # many small ones; when idle it only delays the next message by as much.
                 await _wait(self._stop, LINGER_SECONDS)
+
+    async def _read(self, after: int = 0) -> list[Pending]:
+        return await self.outbox.next_batch(
+            self.upstream.name, self.upstream.max_batch_messages, self.upstream.max_batch_bytes,
+            by_key=not self.upstream.write_key, after=after)
 
     def _fit(self, batch: list[Pending]) -> list[Pending]:
         """The head of `batch` whose whole request body, envelope included, stays within
@@ -227,6 +245,12 @@ class Forwarder:
             await _wait(self._stop, seconds)  # a stop wakes it for one last try within the grace
         else:
             await asyncio.sleep(min(seconds, max(self._deadline - time.monotonic(), 0.0)))
+
+
+async def _discard(task: asyncio.Task[list[Pending]]) -> None:
+    """Lets a read ahead finish unused; its failure, if any, is met again on the next read."""
+    with contextlib.suppress(StorageError, sqlite3.Error):
+        await task
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -184,16 +184,18 @@ class Outbox:
                 event.set()
 
     async def next_batch(
-        self, upstream: str, max_messages: int, max_bytes: int, by_key: bool
+        self, upstream: str, max_messages: int, max_bytes: int, by_key: bool, after: int = 0
     ) -> list[Pending]:
-        """The oldest messages of `upstream` (all with the oldest one's key when `by_key`)."""
+        """The oldest messages of `upstream` with ids over `after` (all with the oldest one's
+        key when `by_key`)."""
         assert self._reader is not None
-        sql = "SELECT id, write_key, user_key, body, enqueued_at FROM outbox WHERE upstream = ?"
-        args: tuple[Any, ...] = (upstream,)
+        sql = ("SELECT id, write_key, user_key, body, enqueued_at FROM outbox"
+               " WHERE upstream = ? AND id > ?")
+        args: tuple[Any, ...] = (upstream, after)
         if by_key:
             sql += (" AND write_key = (SELECT write_key FROM outbox WHERE upstream = ?"
-                    " ORDER BY id LIMIT 1)")
-            args = (upstream, upstream)
+                    " AND id > ? ORDER BY id LIMIT 1)")
+            args = (upstream, after, upstream, after)
         async with self._reader.execute(sql + " ORDER BY id LIMIT ?", (*args, max_messages)) as cur:
             rows = await cur.fetchall()
         batch: list[Pending] = []

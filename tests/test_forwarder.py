@@ -496,6 +496,32 @@ async def test_max_batch_messages_respected(upstream, write_config, start_relay,
     assert ids(got) == sent
 
 
+async def test_backlog_of_full_batches_and_two_keys_goes_out_in_order(
+    upstream, write_config, start_relay, http
+):
+    """A backlog of full batches (each next one read while the last is sent) under two SDK keys,
+    with retries between: every message is accepted once, in stored order, each batch one key's."""
+    upstream.script.extend([Reply(), Reply(500), Reply(), Reply(503), Reply(reset=True)])
+    path = write_config([seg(upstream, max_batch_messages=5)])
+    async with start_relay(path) as relay:
+        await upstream.stop()
+        sent = await send(http, relay, tracks("a", 10), key="key-A")
+        sent += await send(http, relay, tracks("b", 10), key="key-B")
+        sent += await send(http, relay, tracks("a", 10, start=10), key="key-A")
+        await retried_after_sends(relay)
+        await upstream.start()
+        await upstream.wait_for(30, seconds=10)
+        await drained(relay)
+        assert dead_letters(relay) == []
+    done = 0
+    for request in upstream.requests:  # each one, failed ones too, starts where 2xx ones ended
+        assert batch_ids(request) == sent[done:done + len(batch_ids(request))]
+        done += len(batch_ids(request)) if request.status == 200 else 0
+    assert upstream.accepted_ids() == sent
+    assert [(r.body["writeKey"], len(r.body["batch"])) for r in ok_requests(upstream)] == [
+        ("key-A", 5), ("key-A", 5), ("key-B", 5), ("key-B", 5), ("key-A", 5), ("key-A", 5)]
+
+
 LONGEST_KEY = "k" * 256  # the longest write key relay accepts; segment batches carry it in the body
 
 

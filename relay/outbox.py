@@ -80,6 +80,11 @@ _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at
 _DELETE = "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))"
 _PROBE = "INSERT OR REPLACE INTO writable_probe (id, at) VALUES (1, ?)"
 PROBE_SECONDS = 1.0
+# Under load (a commit ended less than BUSY_SECONDS ago) the writer waits GATHER_SECONDS before
+# the next one, so that more requests share it: a commit's fsync and thread hop cost more CPU
+# than its rows (bench/profile.md). An idle relay commits at once.
+BUSY_SECONDS = 0.005
+GATHER_SECONDS = 0.001
 STATS_SECONDS = 5.0
 SLOW_STATS_SECONDS = 0.05
 _DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueued_at, failed_at,"
@@ -101,6 +106,7 @@ class Outbox:
         self.synchronous = synchronous.upper()
         self.writable = False
         self.commits = 0
+        self._committed_at = 0.0  # time.monotonic() when the last commit ended
         self._writer = Writer(path)
         self._reader: aiosqlite.Connection | None = None
         self._ops: list[tuple[list[Statement], asyncio.Future[None]]] = []
@@ -261,6 +267,8 @@ class Outbox:
                 # the disk can be written again.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
+            if self.writable and time.monotonic() - self._committed_at < BUSY_SECONDS:
+                await asyncio.sleep(GATHER_SECONDS)
             self._wake.clear()
             ops, self._ops = self._ops, []
             if not ops and not self.writable and not self._closing:
@@ -289,6 +297,7 @@ class Outbox:
             log.warning("storage: writable again")
         self.writable = True
         self.commits += 1
+        self._committed_at = time.monotonic()
         for _, future in ops:
             if not future.done():
                 future.set_result(None)

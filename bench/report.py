@@ -58,6 +58,24 @@ def load() -> str:
         return "unknown"
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks of the machine since boot, from /proc/stat; None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is counted within user)
+    return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
+
+
+def stolen(before: tuple[int, int] | None) -> str:
+    """The share of CPU time the host took from this virtual machine since `before`."""
+    after = cpu_ticks()
+    if before is None or after is None or after[1] <= before[1]:
+        return "unknown"
+    return f"{100 * (after[0] - before[0]) / (after[1] - before[1]):.1f}%"
+
+
 def _tool_version(argv: list[str]) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)

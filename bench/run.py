@@ -105,7 +105,8 @@ def relay_notes(figures: dict[str, Figure]) -> list[str]:
 
 
 def write(figures: dict[str, Figure], bench: Bench, plan: Plan, *, out: Path | None,
-          started: float, load_before: str, notes: list[str]) -> None:
+          started: float, load_before: str, ticks_before: tuple[int, int] | None,
+          notes: list[str]) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png") if out else bench.procs.workdir / "results.png"
@@ -117,7 +118,9 @@ def write(figures: dict[str, Figure], bench: Bench, plan: Plan, *, out: Path | N
                 ("command", "python bench/run.py " + " ".join(sys.argv[1:])),
                 ("took", f"{time.monotonic() - started:.0f} s"),
                 ("load average (1 min) before and after", f"{load_before}, {report.load()}"
-                 " (above ~0.5 before: something else was using the machine)")],
+                 " (above ~0.5 before: something else was using the machine)"),
+                ("CPU time stolen by the host during the run", report.stolen(ticks_before)
+                 + " (a virtual machine's share taken by others; latency suffers first)")],
         "machine": report.machine(),
         "versions": report.versions(services.nginx_binary(False), bench.wrk),
         "setup": setup_lines(bench, plan),
@@ -134,6 +137,7 @@ def write(figures: dict[str, Figure], bench: Bench, plan: Plan, *, out: Path | N
 async def run(args: argparse.Namespace, procs: services.Procs, started: float) -> None:
     plan = plan_for(args)
     load_before = report.load()
+    ticks_before = report.cpu_ticks()
     bench = await asyncio.to_thread(harness.start, procs, not args.no_install, not args.no_wrk)
     notes = [bench.nginx_note] if bench.nginx_note else []
     if bench.wrk is None:
@@ -150,7 +154,7 @@ async def run(args: argparse.Namespace, procs: services.Procs, started: float) -
     notes.append("every message relay answered 200 for reached the fake vendor, in every run")
     out = args.out or (None if plan.quick else Path(__file__).parent / "results.md")
     write(figures, bench, plan, out=out, started=started, load_before=load_before,
-          notes=notes)
+          ticks_before=ticks_before, notes=notes)
 
 
 def main() -> int:

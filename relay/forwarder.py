@@ -110,10 +110,10 @@ class Forwarder:
                 # Delivered but not yet deleted is fine: it is sent again, and the vendor
                 # deduplicates on messageId. Losing the loop is not.
                 wait = self._storage_failed(exc)
-            if wait is not None and self._ahead is not None:
-                await _discard(self._ahead)  # this batch is read again first
-                self._ahead = None
             if wait is not None:
+                if self._ahead is not None:
+                    await _discard(self._ahead)  # this batch is read again first
+                    self._ahead = None
                 await self._sleep(wait)
             elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
                 # Under a steady stream, a short pause fills the next batch instead of sending

@@ -151,25 +151,28 @@ class Ingest:
         pipeline = self.pipeline
         entries: list[Entry] = []
         seen = _Seen()
+        types = seen.types
         for item in items:
             message = protocol.message_from(item, top, route)
             reason = protocol.invalid_reason(message)
             if reason is not None:
                 _add(seen.invalid, reason)
                 continue
-            _add(seen.types, message["type"])
+            kind = message["type"]
+            types[kind] = types.get(kind, 0) + 1
             ip = remote if protocol.wants_ip(message, route) else None
             protocol.stamp(message, item.get("sentAt", sent_at), received, ip)
             outcome = pipeline.start(message, ctx)
             if not isinstance(outcome, Outcome):  # a rule had to wait for storage
                 outcome = await outcome
-            for step in outcome.changed_by:
-                _add(seen.changed, step)
+            if outcome.changed_by:
+                for step in outcome.changed_by:
+                    _add(seen.changed, step)
             if outcome.message is None:
                 _add(seen.dropped, (str(outcome.dropped_by), str(outcome.reason)))
                 continue
             final = outcome.message
-            entries.append(Entry(protocol.user_key(final), protocol.dumps(final)))
+            entries.append((protocol.user_key(final), protocol.dumps(final)))
         counts, tally = seen.totals()
         return entries, counts, tally
 

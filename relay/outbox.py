@@ -52,12 +52,9 @@ class StorageError(Exception):
     """SQLite could not commit: the request must not be answered 200."""
 
 
-class Entry(NamedTuple):
-    """One accepted message, serialised, as it goes into every upstream's queue (a tuple: one
-    is made per message, and a frozen dataclass takes several times longer to make)."""
-
-    user_key: str
-    body: str
+# One accepted message, serialised, as it goes into every upstream's queue: (user_key, body).
+# A plain tuple: one is made per message, and a NamedTuple takes ~0.5 µs longer to make.
+Entry = tuple[str, str]
 
 
 class Pending(NamedTuple):
@@ -174,8 +171,8 @@ class Outbox:
         """Commits `entries` into every upstream's queue with `counts` and the rules' `state`
         writes, in one transaction; returns once durable."""
         now = time.time()
-        rows = [(u, write_key, e.user_key, e.body, now) for u in self.upstreams for e in entries]
-        size = sum(len(e.body) for e in entries) * len(self.upstreams)
+        rows = [(u, write_key, key, body, now) for u in self.upstreams for key, body in entries]
+        size = sum(len(body) for _, body in entries) * len(self.upstreams)
         assert self._reader is not None
         try:
             room = await self.capacity.admit(size, self._reader)

@@ -82,7 +82,7 @@ class Effect:
     error: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)  # one per message: slots make it half as slow to build
 class Outcome:
     """One message after the pipeline: the final message or the drop, and every rule's effect."""
 
@@ -117,6 +117,8 @@ class Pipeline:
             _Planned(step.id, step.rule, step.when.test if step.when is not None else None,
                      getattr(step.rule, "apply_now", None))
             for step in self.steps)
+        # The same as plain tuples, for `start`: unpacked into locals, read faster than fields.
+        self._quick = tuple((p.id, p.when, p.now) for p in self._plan)
 
     async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
         """Every step over `message`; a rule that raises is logged, never fatal to ingest."""
@@ -128,21 +130,21 @@ class Pipeline:
         """`run` without a coroutine of its own, which costs as much as a rule: the Outcome when
         no rule had to wait, else an awaitable of it that goes on from the rule that must."""
         outcome = Outcome(message=None)
-        for index, step in enumerate(self._plan):
-            if step.when is not None and not step.when(message):
+        for index, (step_id, when, now) in enumerate(self._quick):
+            if when is not None and not when(message):
                 continue
-            if step.now is None:
+            if now is None:
                 return self._finish(outcome, message, ctx, trace, index)
             try:
-                result = step.now(message, ctx)
+                result = now(message, ctx)
             except Exception as exc:
-                if self._failed(outcome, step.id, message, exc, trace):
+                if self._failed(outcome, step_id, message, exc, trace):
                     return outcome
                 continue
             if result is LATER:
                 return self._finish(outcome, message, ctx, trace, index)
             if result is not message:  # most rules leave most messages alone: nothing to record
-                after = self._settle(outcome, step.id, message, result, trace)
+                after = self._settle(outcome, step_id, message, result, trace)
                 if after is None:
                     return outcome
                 message = after

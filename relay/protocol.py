@@ -184,6 +184,9 @@ def _present(message: Message, key: str) -> bool:
 
 def user_key(message: Message) -> str:
     """The id the message's order is kept by: its userId, else its anonymousId."""
+    user_id = message.get("userId")
+    if user_id.__class__ is str and user_id:  # nearly every message: no loop, no number checks
+        return _text(user_id)
     for key in ("userId", "anonymousId"):
         if _present(message, key):
             return _text(str(message[key]))

@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar
 
 import aiosqlite
 
@@ -100,19 +100,30 @@ class State(Protocol):
     def note_ungrouped_track(self, ref: str) -> None: ...
 
 
-class Cache(OrderedDict[str, Any]):
+V = TypeVar("V")
+
+
+class Cache(OrderedDict[str, V], Generic[V]):
     """A least-recently-used mapping of at most `size` entries."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
-    def remember(self, key: str, value: Any) -> Any:
+    def remember(self, key: str, value: V) -> V:
         self[key] = value
         self.move_to_end(key)
         if len(self) > self.size:
             self.popitem(last=False)
         return value
+
+    def recall(self, key: str) -> V | Missing:
+        """The value under `key`, now the most recently used, or MISSING."""
+        try:
+            self.move_to_end(key)  # a KeyError here is the one lookup a miss costs
+        except KeyError:
+            return MISSING
+        return self[key]
 
 
 class SqliteState:
@@ -122,10 +133,10 @@ class SqliteState:
         self.path = path
         self.dry = dry
         self._conn: aiosqlite.Connection | None = None
-        self._groups = Cache(cache_size)
-        self._internal = Cache(cache_size)
-        self._links = Cache(cache_size)
-        self._members = Cache(cache_size)
+        self._groups: Cache[Membership | None] = Cache(cache_size)
+        self._internal: Cache[bool] = Cache(cache_size)
+        self._links: Cache[str] = Cache(cache_size)
+        self._members: Cache[float] = Cache(cache_size)
         self._pending: list[Statement] = []
         self._ungrouped: Counter[str] = Counter()
 
@@ -170,10 +181,7 @@ class SqliteState:
         return membership
 
     def group_now(self, ref: str) -> Membership | Missing | None:
-        if ref not in self._groups:
-            return MISSING
-        self._groups.move_to_end(ref)
-        return cast("Membership | None", self._groups[ref])
+        return self._groups.recall(ref)
 
     async def set_group(self, ref: str, group_id: str, at: str) -> bool:
         """Makes `group_id` current unless a later event already chose another; True if set."""
@@ -194,23 +202,18 @@ class SqliteState:
         return True
 
     async def is_internal(self, ref: str) -> bool:
-        found = self._internal_now(ref)
+        found = self._internal.recall(ref)
         if found is not MISSING:
             return found
         row = await self._one("SELECT 1 FROM internal_users WHERE ref = ?", ref)
         return bool(self._internal.remember(ref, row is not None))
 
-    def _internal_now(self, ref: str) -> bool | Missing:
-        if ref not in self._internal:
-            return MISSING
-        self._internal.move_to_end(ref)
-        return bool(self._internal[ref])
-
     def any_internal_now(self, refs: Sequence[str]) -> bool | Missing:
         """Whether one of `refs` is internal, read in order up to the first that is, as awaiting
         `is_internal` on each would."""
+        recall = self._internal.recall
         for ref in refs:
-            found = self._internal_now(ref)
+            found = recall(ref)
             if found is not False:
                 return found
         return False

@@ -8,7 +8,7 @@ from relay import identity
 from relay.pipeline import LATER, Drop, Later, Message, RuleContext
 from relay.rules.one_group_per_user import current_group
 from relay.schema import FieldError
-from relay.state import State
+from relay.state import State, anon_ref, user_ref
 
 _LINKS = {"identify": "anonymousId", "alias": "previousId"}
 
@@ -38,7 +38,7 @@ class DropInternalUsers:
         if not refs:
             return message
         await self._link(message, ctx.state)
-        reason = self._verdict(message)
+        reason = self._verdict(message, identity.text_id(message.get("userId")))
         if reason is None and await _any_internal(refs, ctx.state):
             reason = "linked"  # e.g. an alias from an internal userId to a new one
         if reason is None:
@@ -58,20 +58,25 @@ class DropInternalUsers:
         kind = message.get("type")
         if kind == "alias":
             return LATER
-        refs = identity.refs(message)
-        if not refs:
+        # identity.refs(message), for a message that is not an alias, with each id read once
+        user_id = identity.text_id(message.get("userId"))
+        anonymous_id = identity.text_id(message.get("anonymousId"))
+        if user_id is None and anonymous_id is None:
             return message
-        if self._verdict(message) is not None:
+        if self._verdict(message, user_id) is not None:
             return LATER
-        user_id = identity.text_id(message.get("userId"))
-        other = identity.text_id(message.get("anonymousId")) if kind == "identify" else None
-        if user_id is not None and other is not None and not ctx.state.link_now(other, user_id):
+        state = ctx.state
+        if kind == "identify" and user_id is not None and anonymous_id is not None \
+                and not state.link_now(anonymous_id, user_id):
             return LATER
-        return message if ctx.state.any_internal_now(refs) is False else LATER
+        refs = [user_ref(user_id)] if user_id is not None else []
+        if anonymous_id is not None:
+            refs.append(anon_ref(anonymous_id))
+        return message if state.any_internal_now(refs) is False else LATER
 
-    def _verdict(self, message: Message) -> str | None:
-        """Why this message alone shows its user is internal, or None."""
-        user_id = identity.text_id(message.get("userId"))
+    def _verdict(self, message: Message, user_id: str | None) -> str | None:
+        """Why this message alone shows its user is internal, or None; `user_id` is its
+        userId as text."""
         if user_id is not None and user_id in self.user_ids:
             return "user_id"
         for email in identity.emails(message):

@@ -133,11 +133,15 @@ async def current_group(message: Message, state: State) -> str | None:
 
 
 def current_group_now(message: Message, state: State) -> str | Missing | None:
-    """`current_group` from memory, or MISSING."""
-    for key, make in (("userId", user_ref), ("anonymousId", anon_ref)):
-        value = identity.text_id(message.get(key))
-        if value is not None:
-            membership = state.group_now(make(value))
-            if membership is not None:
-                return membership if membership is MISSING else membership.group_id
+    """`current_group` from memory, or MISSING (unrolled: it runs for most messages)."""
+    user_id = identity.text_id(message.get("userId"))
+    if user_id is not None:
+        membership = state.group_now(user_ref(user_id))
+        if membership is not None:
+            return membership if membership is MISSING else membership.group_id
+    anonymous_id = identity.text_id(message.get("anonymousId"))
+    if anonymous_id is not None:
+        membership = state.group_now(anon_ref(anonymous_id))
+        if membership is not None:
+            return membership if membership is MISSING else membership.group_id
     return None

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import functools
+import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 _LONGEST = 64  # characters of a time string worth parsing
 
 
+class _Tick(NamedTuple):
+    """One millisecond: its number since the epoch, as a datetime, and as ISO-8601 text."""
+
+    ms: int
+    moment: datetime
+    text: str
+
+
+_last = [_Tick(-1, datetime.min.replace(tzinfo=UTC), "")]  # the latest millisecond asked for
+
+
 def now() -> datetime:
-    return datetime.now(UTC)
+    """The current time to the millisecond, the precision of the protocol's times. Calls in one
+    millisecond (several requests under load) share one datetime, whose text `iso` then knows:
+    making both anew cost ~4 µs per single-event request."""
+    ms = time.time_ns() // 1_000_000
+    tick = _last[0]
+    if ms != tick.ms:
+        moment = datetime.fromtimestamp(ms / 1000, UTC)
+        tick = _last[0] = _Tick(ms, moment, _iso(moment))
+    return tick.moment
 
 
 def datetime_of(seconds: float) -> datetime:
@@ -34,9 +54,14 @@ def _parse(value: str) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-@functools.lru_cache(maxsize=16)  # every message of a request is stamped with one receive time
 def iso(moment: datetime) -> str:
     """`moment` in UTC, millisecond precision, `Z` suffix: what analytics.js sends."""
+    tick = _last[0]
+    return tick.text if moment is tick.moment else _iso_cached(moment)
+
+
+@functools.lru_cache(maxsize=16)
+def _iso_cached(moment: datetime) -> str:
     return _iso(moment)
 
 

@@ -99,6 +99,20 @@ def test_stamp_corrects_clock_skew():
     assert message["messageId"] == "m1"
 
 
+def test_receive_time_is_whole_milliseconds_and_its_text_matches_it():
+    """`clock.now()` is the current time to the millisecond, and `iso` gives the same text for
+    it as for any other datetime of that instant, including one made anew after it."""
+    before = datetime.now(UTC)
+    moment = clock.now()
+    after = datetime.now(UTC)
+    assert moment.microsecond % 1000 == 0
+    assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= moment <= after
+    text = clock.iso(moment)
+    assert text == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    assert clock.iso(datetime.fromtimestamp(moment.timestamp(), UTC)) == text
+    assert clock.iso(RECEIVED) == "2026-11-23T12:00:00.000Z"
+
+
 def test_stamp_fills_missing_fields():
     """No timestamp means the receive time; a missing or over-long messageId is replaced."""
     message: dict = {"messageId": "x" * 101}

@@ -15,8 +15,9 @@ import aiohttp
 
 from relay import clock, protocol
 from relay.config import Upstream
+from relay.group_commit import StorageError
 from relay.metrics import Metrics
-from relay.outbox import Outbox, Pending, StorageError
+from relay.outbox import Outbox, Pending
 
 log = logging.getLogger("relay.forwarder")
 

@@ -15,8 +15,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from relay import address, clock, protocol
+from relay.group_commit import StorageError
 from relay.metrics import Metrics, Tally
-from relay.outbox import Entry, Outbox, StorageError
+from relay.outbox import Entry, Outbox
 from relay.pipeline import Outcome, Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
 from relay.state import SqliteState

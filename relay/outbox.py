@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 import sqlite3
 import time
@@ -15,9 +13,8 @@ import aiosqlite
 
 from relay import inventory, state
 from relay.capacity import Capacity, OutboxFull
+from relay.group_commit import GroupCommit, StorageError
 from relay.writer import Writer
-
-log = logging.getLogger("relay.outbox")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -48,10 +45,6 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-class StorageError(Exception):
-    """SQLite could not commit: the request must not be answered 200."""
-
-
 # One accepted message, serialised, as it goes into every upstream's queue: (user_key, body).
 # A plain tuple: one is made per message, and a NamedTuple takes ~0.5 µs longer to make.
 Entry = tuple[str, str]
@@ -76,12 +69,6 @@ _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at
 # back from the event loop each time.
 _DELETE = "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))"
 _PROBE = "INSERT OR REPLACE INTO writable_probe (id, at) VALUES (1, ?)"
-PROBE_SECONDS = 1.0
-# Under load (a commit ended less than BUSY_SECONDS ago) the writer waits GATHER_SECONDS before
-# the next one, so that more requests share it: a commit's fsync and thread hop cost more CPU
-# than its rows (bench/profile.md). An idle relay commits at once.
-BUSY_SECONDS = 0.005
-GATHER_SECONDS = 0.001
 STATS_SECONDS = 5.0
 SLOW_STATS_SECONDS = 0.05
 _DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueued_at, failed_at,"
@@ -93,7 +80,7 @@ _ADDITIVE = frozenset({_COUNT, state.UNGROUPED})
 
 
 class Outbox:
-    """One SQLite file (WAL); one writer task commits every queued write in one transaction."""
+    """One SQLite file (WAL): every upstream's queue of messages, written by group commit."""
 
     def __init__(self, path: str, upstreams: Sequence[str], synchronous: str = "full",
                  capacity: Capacity | None = None) -> None:
@@ -101,15 +88,9 @@ class Outbox:
         self.capacity = capacity or Capacity(0, "reject")
         self.upstreams = tuple(upstreams)
         self.synchronous = synchronous.upper()
-        self.writable = False
-        self.commits = 0
-        self._committed_at = 0.0  # time.monotonic() when the last commit ended
         self._writer = Writer(path)
+        self._group = GroupCommit(self._writer, _PROBE, _ADDITIVE)
         self._reader: aiosqlite.Connection | None = None
-        self._ops: list[tuple[list[Statement], asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._signals = {name: asyncio.Event() for name in self.upstreams}
         self._stats: tuple[float, list[inventory.QueueStats]] | None = None
         self._stats_conn: aiosqlite.Connection | None = None
@@ -123,8 +104,7 @@ class Outbox:
         except BaseException:
             await self.close()  # aiosqlite's threads would otherwise keep the process alive
             raise
-        self.writable = True
-        self._task = asyncio.create_task(self._write_loop(), name="outbox-writer")
+        self._group.start()
         for event in self._signals.values():
             event.set()  # a backlog from the last run is there to be sent
 
@@ -146,16 +126,21 @@ class Outbox:
 
     async def close(self) -> None:
         """Commits what is queued, then closes both connections."""
-        if self._task is not None:
-            self._closing = True
-            self._wake.set()
-            await self._task
-            self._task = None
+        await self._group.close()
         for conn in (self._reader, self._stats_conn):
             if conn is not None:
                 await conn.close()
         self._reader = self._stats_conn = None
         await self._writer.close()
+
+    @property
+    def writable(self) -> bool:
+        """False while commits fail (then every request is answered 503)."""
+        return self._group.writable
+
+    @property
+    def commits(self) -> int:
+        return self._group.commits
 
     def signal(self, upstream: str) -> asyncio.Event:
         """Set whenever new messages for `upstream` are committed."""
@@ -180,7 +165,7 @@ class Outbox:
             raise StorageError(str(exc)) from None
         if room:
             counts["dropped.outbox_full"] = counts.get("dropped.outbox_full", 0) + len(room[0][1])
-        await self._submit([*room, (_INSERT, rows), (_COUNT, list(counts.items())), *state])
+        await self._group.submit([*room, (_INSERT, rows), (_COUNT, list(counts.items())), *state])
         self.capacity.added(size)
         if rows:
             for event in self._signals.values():
@@ -213,7 +198,7 @@ class Outbox:
     async def ack(self, pending: Iterable[Pending]) -> None:
         """Removes delivered messages."""
         pending = list(pending)
-        await self._submit([(_DELETE, [_ids(pending)])])
+        await self._group.submit([(_DELETE, [_ids(pending)])])
         self.capacity.removed({p.id: len(p.body) for p in pending})
 
     async def dead_letter(
@@ -223,7 +208,7 @@ class Outbox:
         now = time.time()
         rows = [(upstream, p.write_key, p.user_key, p.body, p.enqueued_at, now, status, answer)
                 for p in pending]
-        await self._submit([(_DEAD, rows), (_DELETE, [_ids(pending)])])
+        await self._group.submit([(_DEAD, rows), (_DELETE, [_ids(pending)])])
         self.capacity.removed({p.id: len(p.body) for p in pending})
 
     async def backlog(self, upstream: str) -> int:
@@ -247,76 +232,6 @@ class Outbox:
             self._stats = (now + (STATS_SECONDS if took > SLOW_STATS_SECONDS else 0.0), fresh)
         return self._stats[1]
 
-    async def _submit(self, statements: list[Statement]) -> None:
-        if self._task is None or self._closing:
-            raise StorageError("storage is closed")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ops.append((statements, future))
-        self._wake.set()
-        await future
-
-    async def _write_loop(self) -> None:
-        while True:
-            if self.writable:
-                await self._wake.wait()
-            else:
-                # Nothing may arrive while /readyz says not ready: find out by ourselves when
-                # the disk can be written again.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
-            if self.writable and time.monotonic() - self._committed_at < BUSY_SECONDS:
-                await asyncio.sleep(GATHER_SECONDS)
-            self._wake.clear()
-            ops, self._ops = self._ops, []
-            if not ops and not self.writable and not self._closing:
-                probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                probe.add_done_callback(lambda f: f.exception())  # nobody awaits a probe
-                ops = [([(_PROBE, [(time.time(),)])], probe)]
-            if ops:
-                await self._commit(ops)
-            if self._closing and not self._ops:
-                return
-
-    async def _commit(self, ops: list[tuple[list[Statement], asyncio.Future[None]]]) -> None:
-        try:
-            # Every queued write in one transaction, so one fsync serves them all.
-            await self._writer.transaction(_merged(s for st, _ in ops for s in st))
-        except Exception as exc:  # whatever it is, the requests waiting on it must not hang
-            if self.writable:
-                log.error("storage: cannot commit (%s); answering 503 until it can", exc)
-            self.writable = False
-            error = StorageError(str(exc))
-            for _, future in ops:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        if not self.writable:
-            log.warning("storage: writable again")
-        self.writable = True
-        self.commits += 1
-        self._committed_at = time.monotonic()
-        for _, future in ops:
-            if not future.done():
-                future.set_result(None)
-
-
 def _ids(pending: Iterable[Pending]) -> tuple[str]:
     """The ids of `pending` as the one parameter of _DELETE: a JSON array."""
     return ("[" + ",".join(str(p.id) for p in pending) + "]",)
-
-
-def _merged(statements: Iterable[Statement]) -> list[Statement]:
-    """One executemany per SQL text (in the order each first appears, its rows in their order)
-    instead of one per request, and counts for one key summed first. Writes of different SQL
-    texts commute: outbox rows are only inserted with fresh ids (AUTOINCREMENT) or deleted by
-    id, and every other table is written by one SQL text alone."""
-    by_sql: dict[str, list[tuple[Any, ...]]] = {}
-    for sql, rows in statements:
-        if rows:
-            by_sql.setdefault(sql, []).extend(rows)
-    for sql in _ADDITIVE & by_sql.keys():
-        sums: dict[Any, int] = {}
-        for key, n in by_sql[sql]:
-            sums[key] = sums.get(key, 0) + n
-        by_sql[sql] = list(sums.items())
-    return list(by_sql.items())

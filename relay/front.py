@@ -12,22 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import cast
 
 import httptools
 
-from relay import protocol
-from relay.door import Call, Door, Handover, Refusal, Work
+from relay.door import Door, Handover, Refusal
 from relay.ingest import Answer
-from relay.protocol import Route
+from relay.intake import Intake
 from relay.response_head import CONTINUE, head
 
 log = logging.getLogger("relay.front")
 
-MAX_URL = 8 * 1024
-MAX_HEAD = 32 * 1024
-MAX_HEADERS = 100
 # Requests parsed ahead of their answers (pipelining) before reading pauses.
 MAX_QUEUED = 8
 # After a refusal the client may still be sending the body: closing with unread bytes makes the
@@ -38,43 +33,21 @@ LINGER_IDLE = 2.0
 LINGER_MOST = 10.0
 
 
-class Fatal(Exception):
-    """Stops the parser: what follows on this connection is not parsed here any more."""
-
-
-class Front(asyncio.Protocol):
-    """Parses requests with llhttp, answers SDK posts in order, hands anything else over."""
+class Front(Intake, asyncio.Protocol):
+    """Answers the SDK posts `Intake` parsed, in order, and hands anything else over to aiohttp;
+    times out slow clients (`sweep`)."""
 
     def __init__(self, door: Door) -> None:
-        self.door = door
-        self.parser = httptools.HttpRequestParser(self)
+        super().__init__(door)
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.handed: asyncio.Protocol | None = None
-        self.queue: deque[Work] = deque()
         self.worker: asyncio.Task[None] | None = None
-        self.stopped = False  # nothing more is parsed: closing, or handing over
         self.reading = True
         self.blocked = False  # the client is not taking its answers (the write buffer is full)
-        self.raw: list[bytes] | None = None  # this request's bytes, while its start is known
-        self.chunk = b""
-        self.between = True  # the parser is between requests
-        self.fresh = True  # the current chunk began between requests
-        self.expecting = False  # a 100 Continue is owed once the answers before it are out
-        self.begun = 0  # requests begun within the current chunk
         self.since = time.monotonic()  # when the current wait (head or body) began
-        self.in_body = False
         self.eof = False
         self.lingering = 0.0  # when a refusal's lingering close began; 0 when not lingering
-        self._reset()
-
-    def _reset(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
-        self.route: Route | None = None
-        self.body: list[bytes] = []
-        self.size = 0
 
     # asyncio.Protocol
 
@@ -154,95 +127,6 @@ class Front(asyncio.Protocol):
         if self.handed is not None:
             self.handed.connection_lost(exc)
         # A worker still storing a request keeps going: the message is committed either way.
-
-    # llhttp callbacks
-
-    def on_message_begin(self) -> None:
-        self.begun += 1
-        # Where this request starts in the byte stream is known only when it starts a chunk
-        # (not when the chunk also ends the request before it).
-        self.raw = [self.chunk] if self.begun == 1 and self.fresh else None
-        self.between = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > MAX_URL:
-            self._refuse(414, "uri_too_long", f"the request target is over {MAX_URL} bytes")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self.head_size += len(name) + len(value)
-        if self.head_size > MAX_HEAD or len(self.headers) > MAX_HEADERS:
-            self._refuse(431, "headers_too_large",
-                         f"request headers are over {MAX_HEAD} bytes or {MAX_HEADERS} fields")
-
-    def on_headers_complete(self) -> None:
-        route = None
-        if self.parser.get_method() == b"POST":
-            route = self.door.routes.get(self.url.partition(b"?")[0])
-        if route is None or self.parser.should_upgrade():
-            self._hand_over()
-            return
-        self.route = route
-        self.door.enter()  # in flight from now: a stop waits for its body and its answer
-        length = self._header(b"content-length")
-        if length is not None and length.isdigit() and int(length) > protocol.MAX_REQUEST_BYTES:
-            self._refuse(413, "request_too_large",
-                         f"request body is over {protocol.MAX_REQUEST_BYTES} bytes")
-        expect = self._header(b"expect")
-        if expect is not None and expect.lower() == "100-continue":
-            self.expecting = True
-            if not self.queue:
-                self._continue()
-
-    def on_body(self, body: bytes) -> None:
-        self.size += len(body)
-        if self.size > protocol.MAX_REQUEST_BYTES:
-            self._refuse(413, "request_too_large",
-                         f"body is over {protocol.MAX_REQUEST_BYTES} bytes")
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        assert self.route is not None
-        self.queue.append(Call.of(
-            self.route, self.headers, b"".join(self.body), self.parser.should_keep_alive(),
-            self.parser.get_http_version() == "1.0"))
-        self.between, self.in_body, self.raw, self.expecting = True, False, None, False
-        self.route = None  # its count goes with the Call
-        self._reset()
-
-    # the rest
-
-    def _header(self, name: bytes) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value.decode("utf-8", "surrogateescape")  # as aiohttp does
-        return None
-
-    def _refuse(self, status: int, code: str, message: str) -> None:
-        """Answers once the requests before this one are answered, then closes; stops the
-        parser (it must not go on reading what this request left half-done)."""
-        self._refusal(status, code, message)
-        raise Fatal(code)
-
-    def _refusal(self, status: int, code: str, message: str) -> None:
-        self.queue.append(Refusal(Answer.error(status, code, message)))
-        self.stopped, self.raw = True, None
-        self._abandon()
-
-    def _abandon(self) -> None:
-        """The request being received will not be stored: no longer in flight."""
-        if self.route is not None:
-            self.route = None
-            self.door.leave()
-
-    def _hand_over(self) -> None:
-        if self.raw is None:  # pipelined behind another request: its bytes are gone
-            self._refuse(400, "pipelined_request",
-                         "only event posts may be pipelined; send this on its own connection")
-        self.queue.append(Handover())
-        self.stopped = True
-        raise Fatal("handover")
 
     async def _work(self) -> None:
         """Answers the queued work in order; the connection's only task while it has work."""

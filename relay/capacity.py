@@ -14,6 +14,7 @@ Statement = tuple[str, list[tuple[Any, ...]]]
 WhenFull = Literal["reject", "drop_oldest"]
 RESYNC_SECONDS = 30.0  # `relay queue purge` in another process changes the size behind our back
 _LOG_SECONDS = 60.0
+GONE_MOST = 100_000  # dropped ids remembered, so that a late ack for one frees nothing
 
 
 class OutboxFull(Exception):
@@ -32,13 +33,21 @@ class Capacity:
         self._synced = -RESYNC_SECONDS
         self._logged = -_LOG_SECONDS
         self._gone: set[int] = set()  # dropped to make room; an ack for them frees nothing
+        # Ids removed (acked, dead-lettered) while a drop_oldest read of the oldest messages was
+        # under way: that read may have seen them before their delete, and they were counted.
+        self._reading = 0
+        self._removed_meanwhile: list[int] = []
 
     async def sync(self, conn: aiosqlite.Connection) -> None:
         """Reads the true size from the database."""
         rows = list(await conn.execute_fetchall(
             "SELECT coalesce(sum(length(body)), 0) FROM outbox"))
         self.used = int(rows[0][0])
-        self._gone.clear()
+        # What was dropped stays gone: a delivery of it may still be in flight, and its ack must
+        # not be subtracted from the true size just read. Only the oldest are forgotten, as a
+        # bound (drops that no forwarder had read are never acked).
+        if len(self._gone) > GONE_MOST:
+            self._gone = set(sorted(self._gone)[-GONE_MOST:])
         self.full = bool(self.max_bytes) and self.used >= self.max_bytes
         self._synced = time.monotonic()
 
@@ -59,7 +68,7 @@ class Capacity:
             self._log("storage: outbox at its cap of %d bytes; answering 503 until the upstreams"
                       " catch up (storage.when_full: reject)", self.max_bytes)
             raise OutboxFull(f"the outbox holds {self.used} bytes, its cap is {self.max_bytes}")
-        ids = await _oldest(conn, excess)
+        ids = await self._oldest_not_counted(conn, excess)
         self.dropped += len(ids)
         self.used -= sum(n for _, n in ids)
         self._gone.update(i for i, _ in ids)
@@ -68,12 +77,29 @@ class Capacity:
                   self.dropped)
         return [("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in ids])]
 
+    async def _oldest_not_counted(self, conn: aiosqlite.Connection,
+                                  excess: int) -> list[tuple[int, int]]:
+        """The oldest messages, less those whose bytes were already subtracted meanwhile: by an
+        ack, or by another request's drop that has not committed yet."""
+        start = len(self._removed_meanwhile)
+        self._reading += 1
+        try:
+            ids = await _oldest(conn, excess)
+        finally:
+            self._reading -= 1
+        counted = set(self._removed_meanwhile[start:]) | self._gone
+        if not self._reading:
+            self._removed_meanwhile.clear()
+        return [(i, n) for i, n in ids if i not in counted]
+
     def added(self, size: int) -> None:
         self.used += size
 
     def removed(self, sizes: dict[int, int]) -> None:
         """Messages (id: bytes) delivered or dead-lettered leave the outbox."""
         size = sum(n for i, n in sizes.items() if i not in self._gone)
+        if self._reading:
+            self._removed_meanwhile.extend(sizes)
         self._gone.difference_update(sizes)
         self.used = max(self.used - size, 0)
         if self.full and self.used < self.max_bytes:

@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosqlite
 import pytest
 from fakes import FakeUpstream, Reply, free_port
 from processes import wait_ready
 from prometheus_client.parser import text_string_to_metric_families
+
+from relay.capacity import Capacity
+from relay.outbox import SCHEMA as OUTBOX_SCHEMA
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -608,6 +612,49 @@ async def test_drop_oldest_keeps_outbox_under_cap_and_counts(
         await upstream.wait_for(len(kept))
         await until(lambda: outbox_ids(db) == [], 5.0, "the outbox drained")
     assert upstream.accepted_ids() == kept
+
+
+async def test_drop_oldest_does_not_count_twice_what_an_ack_removed_meanwhile(tmp_path):
+    """When a delivery's ack is counted while drop_oldest is still reading the oldest messages
+    (its read saw them before the ack's delete), they are not subtracted a second time: the size
+    relay keeps matches the outbox, so the cap holds."""
+    db = tmp_path / "relay.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(OUTBOX_SCHEMA)
+        conn.executemany("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
+                         " VALUES ('seg', '', 'u', ?, 0)", [("x" * 100,)] * 10)
+    capacity = Capacity(1000, "drop_oldest")
+    async with aiosqlite.connect(db) as conn:
+        await capacity.sync(conn)
+        admitting = asyncio.create_task(capacity.admit(300, conn))
+        await asyncio.sleep(0)  # admit has sent its read of the oldest messages
+        capacity.removed({1: 100, 2: 100})  # an ack of the two oldest, committed just before
+        statements = await admitting
+    dropped = [row[0] for _, rows in statements for row in rows]
+    assert dropped == [3]
+    assert capacity.used == 700  # ids 4-10: what the outbox holds once both deletes commit
+    capacity.added(300)
+    assert capacity.used <= capacity.max_bytes
+
+
+async def test_resync_keeps_dropped_messages_whose_delivery_is_in_flight(tmp_path):
+    """The periodic re-read of the outbox's size does not forget which messages drop_oldest
+    deleted: a late ack for them frees nothing, so the size relay keeps stays the true one."""
+    db = tmp_path / "relay.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(OUTBOX_SCHEMA)
+        conn.executemany("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
+                         " VALUES ('seg', '', 'u', ?, 0)", [("x" * 100,)] * 10)
+    capacity = Capacity(1000, "drop_oldest")
+    async with aiosqlite.connect(db, isolation_level=None) as conn:
+        await capacity.sync(conn)
+        for sql, rows in await capacity.admit(300, conn):  # ids 1-3, being delivered meanwhile
+            await conn.executemany(sql, rows)
+        await capacity.sync(conn)
+        capacity.removed({1: 100, 2: 100, 3: 100, 4: 100})  # their ack, and one for id 4
+        await conn.execute("DELETE FROM outbox WHERE id = 4")
+        rows = list(await conn.execute_fetchall("SELECT sum(length(body)) FROM outbox"))
+    assert capacity.used == rows[0][0] == 600
 
 
 async def test_drop_oldest_under_cap_while_batches_are_in_flight(

@@ -69,6 +69,8 @@ class Capacity:
                       " catch up (storage.when_full: reject)", self.max_bytes)
             raise OutboxFull(f"the outbox holds {self.used} bytes, its cap is {self.max_bytes}")
         ids = await self._oldest_not_counted(conn, excess)
+        if not ids:  # deliveries made the room while the oldest were read
+            return []
         self.dropped += len(ids)
         self.used -= sum(n for _, n in ids)
         self._gone.update(i for i, _ in ids)
@@ -87,10 +89,10 @@ class Capacity:
             ids = await _oldest(conn, excess)
         finally:
             self._reading -= 1
-        counted = set(self._removed_meanwhile[start:]) | self._gone
+        late = set(self._removed_meanwhile[start:])
         if not self._reading:
             self._removed_meanwhile.clear()
-        return [(i, n) for i, n in ids if i not in counted]
+        return [(i, n) for i, n in ids if i not in late and i not in self._gone]
 
     def added(self, size: int) -> None:
         self.used += size

@@ -614,15 +614,20 @@ async def test_drop_oldest_keeps_outbox_under_cap_and_counts(
     assert upstream.accepted_ids() == kept
 
 
-async def test_drop_oldest_does_not_count_twice_what_an_ack_removed_meanwhile(tmp_path):
-    """When a delivery's ack is counted while drop_oldest is still reading the oldest messages
-    (its read saw them before the ack's delete), they are not subtracted a second time: the size
-    relay keeps matches the outbox, so the cap holds."""
-    db = tmp_path / "relay.db"
+def ten_waiting(db: Path) -> Path:
+    """An outbox file holding ten messages of 100 bytes, ids 1 to 10."""
     with sqlite3.connect(db) as conn:
         conn.executescript(OUTBOX_SCHEMA)
         conn.executemany("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
                          " VALUES ('seg', '', 'u', ?, 0)", [("x" * 100,)] * 10)
+    return db
+
+
+async def test_drop_oldest_does_not_count_twice_what_an_ack_removed_meanwhile(tmp_path):
+    """When a delivery's ack is counted while drop_oldest is still reading the oldest messages
+    (its read saw them before the ack's delete), they are not subtracted a second time: the size
+    relay keeps matches the outbox, so the cap holds."""
+    db = ten_waiting(tmp_path / "relay.db")
     capacity = Capacity(1000, "drop_oldest")
     async with aiosqlite.connect(db) as conn:
         await capacity.sync(conn)
@@ -640,11 +645,7 @@ async def test_drop_oldest_does_not_count_twice_what_an_ack_removed_meanwhile(tm
 async def test_resync_keeps_dropped_messages_whose_delivery_is_in_flight(tmp_path):
     """The periodic re-read of the outbox's size does not forget which messages drop_oldest
     deleted: a late ack for them frees nothing, so the size relay keeps stays the true one."""
-    db = tmp_path / "relay.db"
-    with sqlite3.connect(db) as conn:
-        conn.executescript(OUTBOX_SCHEMA)
-        conn.executemany("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
-                         " VALUES ('seg', '', 'u', ?, 0)", [("x" * 100,)] * 10)
+    db = ten_waiting(tmp_path / "relay.db")
     capacity = Capacity(1000, "drop_oldest")
     async with aiosqlite.connect(db, isolation_level=None) as conn:
         await capacity.sync(conn)

@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from relay.writer import Statement
+
 log = logging.getLogger("relay.outbox")
 
-Statement = tuple[str, list[tuple[Any, ...]]]
 WhenFull = Literal["reject", "drop_oldest"]
 RESYNC_SECONDS = 30.0  # `relay queue purge` in another process changes the size behind our back
 _LOG_SECONDS = 60.0

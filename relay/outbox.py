@@ -14,7 +14,7 @@ import aiosqlite
 from relay import inventory, state
 from relay.capacity import Capacity, OutboxFull
 from relay.group_commit import GroupCommit, StorageError
-from relay.writer import Writer
+from relay.writer import Statement, Writer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -60,8 +60,6 @@ class Pending(NamedTuple):
     body: str
     enqueued_at: float
 
-
-Statement = tuple[str, list[tuple[Any, ...]]]
 
 _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
            " VALUES (?, ?, ?, ?, ?)")

@@ -19,8 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import aiosqlite
 
 from relay import clock
-
-Statement = tuple[str, list[tuple[Any, ...]]]
+from relay.writer import Statement
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS user_groups (ref TEXT PRIMARY KEY, group_id TEXT NOT NULL,

@@ -1,5 +1,5 @@
 """Group commit: the writes queued while one transaction runs all go into the next, so that one
-fsync and one hop to the writer thread serve every request waiting."""
+fsync and one request to the writer serve every request waiting."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from relay.writer import Statement, Writer
+from relay.writer import Statement, Writer, WriterGone
 
 log = logging.getLogger("relay.outbox")
 
 PROBE_SECONDS = 1.0
-# Under load (a commit ended less than BUSY_SECONDS ago) the writer waits GATHER_SECONDS before
-# the next one, so that more requests share it: a commit's fsync and thread hop cost more CPU
-# than its rows (bench/profile.md). An idle relay commits at once.
+# Under load (a commit ended less than BUSY_SECONDS ago) the next commit waits GATHER_SECONDS,
+# so that more requests share it: a commit's fsync costs more than its rows (bench/profile.md).
+# An idle relay commits at once.
 BUSY_SECONDS = 0.005
 GATHER_SECONDS = 0.001
 
@@ -29,8 +29,12 @@ class StorageError(Exception):
 
 
 class GroupCommit:
-    """One task commits every queued write in one transaction. While a commit fails, `writable`
-    is False and the task tries `probe` every PROBE_SECONDS until one succeeds."""
+    """At most one transaction in flight; what is queued meanwhile goes in the next one, sent
+    as soon as the last is answered (by the callback that settles it, not a later turn of the
+    event loop: a loop busy with requests would otherwise leave the writer idle).
+
+    While a commit fails, `writable` is False and a task tries again (what is queued, else
+    `probe`) every PROBE_SECONDS, or sooner when a request comes, until one succeeds."""
 
     def __init__(self, writer: Writer, probe: str, additive: frozenset[str]) -> None:
         self.writer = writer
@@ -40,66 +44,86 @@ class GroupCommit:
         self.commits = 0
         self._committed_at = 0.0  # time.monotonic() when the last commit ended
         self._ops: list[Op] = []
+        self._in_flight: asyncio.Future[None] | None = None
+        self._gathering: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._started = False
         self._closing = False
 
     def start(self) -> None:
         self.writable = True
-        self._task = asyncio.create_task(self._write_loop(), name="outbox-writer")
+        self._started = True
 
     async def close(self) -> None:
         """Commits what is queued, then stops."""
-        if self._task is not None:
-            self._closing = True
-            self._wake.set()
-            await self._task
-            self._task = None
+        if not self._started or self._closing:
+            return
+        self._closing = True
+        while self._in_flight is not None or self._ops or self._recovery is not None:
+            if self._gathering is not None:
+                self._gathering.cancel()
+                self._gathering = None
+                self._send()
+            waited = self._in_flight or self._recovery
+            if waited is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(waited)
+            elif self._ops:
+                self._send()
+        self._fail(self._ops, StorageError("storage is closed"))
+        self._ops = []
 
     async def submit(self, statements: list[Statement]) -> None:
         """Returns once `statements` are committed; raises StorageError if they cannot be."""
-        if self._task is None or self._closing:
+        if not self._started or self._closing:
             raise StorageError("storage is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ops.append((statements, future))
-        self._wake.set()
+        self._next()
         await future
 
-    async def _write_loop(self) -> None:
-        while True:
-            if self.writable:
-                await self._wake.wait()
-            else:
-                # Nothing may arrive while /readyz says not ready: find out by ourselves when
-                # the disk can be written again.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
-            if self.writable and time.monotonic() - self._committed_at < BUSY_SECONDS:
-                await asyncio.sleep(GATHER_SECONDS)
-            self._wake.clear()
-            ops, self._ops = self._ops, []
-            if not ops and not self.writable and not self._closing:
-                probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                probe.add_done_callback(lambda f: f.exception())  # nobody awaits a probe
-                ops = [([(self.probe, [(time.time(),)])], probe)]
-            if ops:
-                await self._commit(ops)
-            if self._closing and not self._ops:
-                return
-
-    async def _commit(self, ops: list[Op]) -> None:
-        try:
-            # Every queued write in one transaction, so one fsync serves them all.
-            await self.writer.transaction(merged((s for st, _ in ops for s in st), self.additive))
-        except Exception as exc:  # whatever it is, the requests waiting on it must not hang
-            if self.writable:
-                log.error("storage: cannot commit (%s); answering 503 until it can", exc)
-            self.writable = False
-            error = StorageError(str(exc))
-            for _, future in ops:
-                if not future.done():
-                    future.set_exception(error)
+    def _next(self) -> None:
+        """Sends what is queued now, after the gathering wait, or not yet (one is in flight)."""
+        if not self._ops or self._in_flight is not None or self._gathering is not None:
             return
+        if not self.writable:
+            self._wake.set()
+            return
+        if time.monotonic() - self._committed_at < BUSY_SECONDS and not self._closing:
+            self._gathering = asyncio.get_running_loop().call_later(GATHER_SECONDS, self._gathered)
+            return
+        self._send()
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._send()
+
+    def _send(self) -> None:
+        ops, self._ops = self._ops, []
+        if not ops:
+            return
+        try:
+            sent = self.writer.send(self._merged(ops))
+        except WriterGone as exc:
+            self._failed(ops, exc)
+            return
+        self._in_flight = sent
+        sent.add_done_callback(lambda done: self._settled(ops, done))
+
+    def _settled(self, ops: list[Op], done: asyncio.Future[None]) -> None:
+        self._in_flight = None
+        exc = done.exception()
+        if exc is None:
+            self._succeeded(ops)
+        else:
+            self._failed(ops, exc)
+        self._next()
+
+    def _merged(self, ops: list[Op]) -> list[Statement]:
+        return merged((s for st, _ in ops for s in st), self.additive)
+
+    def _succeeded(self, ops: list[Op]) -> None:
         if not self.writable:
             log.warning("storage: writable again")
         self.writable = True
@@ -108,6 +132,46 @@ class GroupCommit:
         for _, future in ops:
             if not future.done():
                 future.set_result(None)
+
+    def _failed(self, ops: list[Op], exc: BaseException) -> None:
+        """Whatever went wrong, the requests waiting must not hang: each gets a StorageError,
+        and the recovery task takes over until a commit succeeds again."""
+        if self.writable:
+            log.error("storage: cannot commit (%s); answering 503 until it can", exc)
+        self.writable = False
+        self._fail(ops, StorageError(str(exc)))
+        if self._recovery is None and not self._closing:
+            self._recovery = asyncio.create_task(self._recover(), name="outbox-recovery")
+
+    @staticmethod
+    def _fail(ops: list[Op], error: StorageError) -> None:
+        for _, future in ops:
+            if not future.done():
+                future.set_exception(error)
+
+    async def _recover(self) -> None:
+        """Tries what is queued, else `probe`, until a commit succeeds; nothing may arrive while
+        /readyz says not ready, so it finds out by itself when the disk can be written again.
+        Each try may start a new writer process."""
+        try:
+            while not self.writable:
+                self._wake.clear()
+                if not self._ops and not self._closing:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
+                ops, self._ops = self._ops, []
+                statements = self._merged(ops) if ops else [(self.probe, [(time.time(),)])]
+                try:
+                    await self.writer.transaction(statements)
+                except Exception as exc:
+                    self._fail(ops, StorageError(str(exc)))
+                    if self._closing:
+                        return
+                    continue
+                self._succeeded(ops)
+        finally:
+            self._recovery = None
+        self._next()
 
 
 def merged(statements: Iterable[Statement], additive: frozenset[str]) -> list[Statement]:

@@ -1,62 +1,162 @@
-"""The one SQLite connection that writes, on a thread of its own.
+"""The one SQLite connection that writes, in a child process of its own (`relay.writer_child`).
 
-A whole transaction is one hop to that thread: BEGIN, every statement, COMMIT. With a hop per
-statement (as through aiosqlite) a busy event loop made each commit wait one loop turn per
-statement, and every request waited for those turns.
+A whole transaction is one request to that process: BEGIN, every statement, COMMIT. The child
+has an interpreter lock of its own, so a commit's row bindings and its fsync run beside the
+event loop instead of taking turns with it: on a thread of relay's process a commit under load
+took about twice as long, and the loop sat idle while requests waited for it (bench/profile.md).
+A request is written to the child at once, without waiting for a turn of the event loop.
+
+The child ends when relay does, even on kill -9 (its stdin closes). Should it die while relay
+runs, what was in flight fails (its requests are answered 503) and `transaction` starts a new
+child, opened as the last one was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import os
+import pickle
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from typing import Any
+
+from relay import writer_child
 
 Statement = tuple[str, list[tuple[Any, ...]]]
 
+_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (
+        sqlite3.OperationalError, sqlite3.IntegrityError, sqlite3.DatabaseError,
+        sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.DataError,
+        sqlite3.NotSupportedError, sqlite3.InternalError, sqlite3.Error)}
+END_SECONDS = 10.0
+
+
+class WriterGone(sqlite3.OperationalError):
+    """The writer process ended (or could not start) before it answered."""
+
 
 class Writer:
-    """Runs transactions on a dedicated thread that owns the connection."""
+    """Sends transactions to the child process that owns the connection; answers come back
+    in the order the requests went."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._conn: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-writer")
+        self._proc: asyncio.subprocess.Process | None = None
+        self._requests: asyncio.WriteTransport | None = None
+        self._answers: asyncio.Task[None] | None = None
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._opened: tuple[list[str], str] | None = None  # to open a new child the same way
+
+    @property
+    def alive(self) -> bool:
+        """Whether a child is running to take `send`."""
+        return self._answers is not None and not self._answers.done()
 
     async def open(self, pragmas: list[str], schema: str) -> list[str]:
         """Connects, applies `pragmas` and `schema`; returns what `PRAGMA quick_check` says."""
-        verdict: list[str] = await self._call(self._open, pragmas, schema)
+        await self._start()
+        verdict: list[str] = await self._send(("open", pragmas, schema))
+        self._opened = (pragmas, schema)
         return verdict
 
+    def send(self, statements: list[Statement]) -> asyncio.Future[None]:
+        """Every statement in one transaction, sent now: the future is done once they are
+        committed together, or failed. A failure from SQLite committed nothing; WriterGone
+        (the child died before it answered) may follow a commit, whose messages then go out
+        twice when the SDK sends them again, as after any crash. Raises WriterGone at once with
+        no child running."""
+        return self._send(("transaction", statements))
+
     async def transaction(self, statements: list[Statement]) -> None:
-        """Every statement in one transaction: committed together, or not at all."""
-        await self._call(self._transaction, statements)
+        """`send`, starting a new child first if the last one ended."""
+        if not self.alive:
+            await self._end()
+            await self._start()
+            if self._opened is not None:
+                await self._send(("open", *self._opened))
+        await self.send(statements)
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._call(self._conn.close)
-            self._conn = None
-        self._thread.shutdown(wait=True)
+        """Closes the connection and waits for the child to end."""
+        if self.alive:
+            with contextlib.suppress(sqlite3.Error):
+                await self._send(("close",))
+        await self._end()
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    def _send(self, request: tuple[Any, ...]) -> asyncio.Future[Any]:
+        requests = self._requests
+        if not self.alive or requests is None or requests.is_closing():
+            raise WriterGone("the writer process is not running")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        requests.write(writer_child.frame(request))
+        return future
 
-    def _open(self, pragmas: list[str], schema: str) -> list[str]:
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for pragma in pragmas:
-            self._conn.execute(pragma)
-        self._conn.executescript(schema)
-        return [str(row[0]) for row in self._conn.execute("PRAGMA quick_check")]
-
-    def _transaction(self, statements: list[Statement]) -> None:
-        conn = self._conn
-        assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+    async def _start(self) -> None:
+        # The requests' pipe is made here rather than by the event loop (uvloop makes a socket
+        # pair, whose buffer the system caps at ~200 KB), so that it can be widened: a commit
+        # is written whole at once instead of topped up between the requests relay answers.
+        read_end, write_end = os.pipe()
+        pipe = os.fdopen(write_end, "wb", buffering=0)
         try:
-            for sql, rows in statements:
-                conn.executemany(sql, rows)
-            conn.execute("COMMIT")
+            writer_child.widen(write_end)
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", writer_child.__name__, self.path,
+                stdin=read_end, stdout=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            pipe.close()
+            raise WriterGone(f"cannot start the writer process: {exc}") from None
+        finally:
+            os.close(read_end)
+        try:
+            self._requests, _ = await asyncio.get_running_loop().connect_write_pipe(
+                asyncio.BaseProtocol, pipe)
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            pipe.close()
+            await self._end()
             raise
+        self._answers = asyncio.create_task(self._read_answers(self._proc), name="writer-answers")
+
+    async def _read_answers(self, proc: asyncio.subprocess.Process) -> None:
+        """Settles each waiting request with its answer, in order; at the child's end, fails
+        those still waiting."""
+        assert proc.stdout is not None
+        size = writer_child.HEADER.size
+        try:
+            while True:
+                (length,) = writer_child.HEADER.unpack(await proc.stdout.readexactly(size))
+                answer = pickle.loads(await proc.stdout.readexactly(length))
+                future = self._waiting.popleft()
+                if future.done():
+                    continue
+                if answer[0] == "ok":
+                    future.set_result(answer[1])
+                else:
+                    future.set_exception(
+                        _ERRORS.get(answer[1], sqlite3.OperationalError)(answer[2]))
+        except (OSError, asyncio.IncompleteReadError, IndexError) as exc:
+            gone = f"the writer process ended ({type(exc).__name__})"
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(WriterGone(gone))
+
+    async def _end(self) -> None:
+        """Closes the child's stdin, waits for it to end (killing one that does not), and for
+        the failing of whatever still waited on it."""
+        proc, self._proc = self._proc, None
+        requests, self._requests = self._requests, None
+        if requests is not None:
+            requests.close()
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), END_SECONDS)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._answers is not None:
+            await self._answers
+            self._answers = None

@@ -50,6 +50,16 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def alive_as(pid: int, word: str) -> bool:
+    """Whether process `pid` runs and has `word` in its command line (not a zombie)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return word.encode() in cmdline and state != "Z"
+
+
 class RelayProcess:
     """One `python -m relay serve` child; its stdout and stderr go to `log` (appended)."""
 
@@ -86,6 +96,16 @@ class RelayProcess:
     def send(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+    def writer_pids(self) -> list[int]:
+        """The pids of relay's writer processes (its children running `relay.writer_child`)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(child) for child in children if alive_as(int(child), "relay.writer_child")]
 
     def kill_and_wait(self) -> int:
         """SIGKILL, then the exit status once it is gone."""

@@ -1,12 +1,14 @@
-"""Injected faults, each against real parts: kill -9 twenty times under load, a vendor host whose
-name does not resolve, a vendor down far longer than the backoff cap, and a torn or corrupt
-database file at start. Each test prints a `figures:` line (pytest -s) for docs/reliability.md."""
+"""Injected faults, each against real parts: kill -9 twenty times under load, the writer process
+killed under load, a vendor host whose name does not resolve, a vendor down far longer than the
+backoff cap, and a torn or corrupt database file at start. Each test prints a `figures:` line
+(pytest -s) for docs/reliability.md."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -22,7 +24,15 @@ import aiohttp
 import pytest
 import yaml
 from fakes import FakeUpstream, Reply, free_port
-from processes import AUTH, Load, RelayProcess, acks_grow, clean_env, wait_delivered
+from processes import (
+    AUTH,
+    Load,
+    RelayProcess,
+    acks_grow,
+    alive_as,
+    clean_env,
+    wait_delivered,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 UNRESOLVABLE = "http://relay-test.invalid:9"  # .invalid never resolves (RFC 2606)
@@ -82,6 +92,54 @@ async def test_kill_9_twenty_times_under_load_loses_no_acked_message(
             acked=len(load.acked), delivered=len(set(upstream.accepted_ids()) & load.acked),
             duplicates=duplicates(upstream), lost=len(missing),
             connection_errors=load.connection_errors)
+
+
+async def test_writer_process_ends_with_relay_even_on_kill_9(
+        upstream, write_config, processes, tmp_path):
+    """relay's writer process (the one SQLite connection that writes) exits by itself within
+    seconds of relay being killed with SIGKILL, so no orphan keeps the database open."""
+    port = free_port()
+    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                        listen=f"127.0.0.1:{port}")
+    relay = RelayProcess(path, port, tmp_path / "relay.log")
+    processes.append(relay)
+    relay.spawn()
+    await relay.wait_ready()
+    writers = relay.writer_pids()
+    assert len(writers) == 1, relay.output()
+    assert relay.kill_and_wait() == -signal.SIGKILL
+    for _ in range(200):  # ten seconds at most
+        if not alive_as(writers[0], "relay.writer_child"):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the writer process outlived relay by ten seconds")
+
+
+async def test_killed_writer_process_is_replaced_and_loses_no_acked_message(
+        upstream, write_config, processes, tmp_path):
+    """Killing the writer process under load costs at most some 503 answers (never a 500, never
+    relay itself): a new writer takes over, acks go on, and every acked message is delivered."""
+    port = free_port()
+    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                        listen=f"127.0.0.1:{port}")
+    relay = RelayProcess(path, port, tmp_path / "relay.log")
+    processes.append(relay)
+    relay.spawn()
+    await relay.wait_ready()
+    async with Load(relay.url, tag="wk") as load:
+        for _ in range(3):
+            assert await acks_grow(load, 0.3) > 0
+            (writer,) = relay.writer_pids()
+            os.kill(writer, signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            assert await acks_grow(load, 3.0) > 0, relay.output()[-3000:]
+            assert relay.writer_pids() != [writer]
+        assert relay.proc is not None and relay.proc.poll() is None
+    assert set(load.statuses) <= {503}, f"answers other than 200 and 503: {load.statuses}"
+    missing = await wait_delivered(upstream, load.acked, 30.0)
+    assert not missing, f"{len(missing)} of {len(load.acked)} acked messages lost"
+    assert "storage: writable again" in relay.output(), relay.output()[-3000:]
 
 
 async def test_unresolvable_vendor_host_keeps_messages_until_the_url_is_fixed(

@@ -1,0 +1,131 @@
+"""The process that owns relay's one writing SQLite connection (`relay.writer` starts it).
+
+It runs apart from relay's own process so that binding rows, stepping statements and waiting
+for fsync never take the interpreter lock from the event loop, nor wait for it: with the
+connection on a thread of relay's own, a commit under load waited for the loop to let go of the
+lock after every row.
+
+It reads framed requests on stdin and answers each on the stdout it was started with: a frame is
+a 4-byte big-endian length and a pickle. Requests: `("open", pragmas, schema)`,
+`("transaction", [(sql, rows), ...])`, `("close",)`. Answers: `("ok", value)` or
+`("error", class name, message)`. It ends when stdin ends (relay stopped or was killed), so it
+never outlives relay, and it ignores SIGINT and SIGTERM, which a terminal or a service manager
+may send to relay's whole process group: relay commits what is queued and then closes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pickle
+import signal
+import sqlite3
+import struct
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+HEADER = struct.Struct(">I")
+# A commit under load is hundreds of kilobytes; through a pipe of the default 64 KB, relay could
+# only top it up between two of the requests it was busy answering, and the commit waited for
+# that. As large as the system allows, up to this.
+PIPE_BYTES = 4 * 1024 * 1024
+
+
+def read_frame(stream: IO[bytes]) -> Any:
+    """The next request, or None at the end of input (a frame cut short is no request)."""
+    head = stream.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(head)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return pickle.loads(body)
+
+
+def frame(value: Any) -> bytes:
+    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(body)) + body
+
+
+class Connection:
+    """The writing connection and the requests it serves."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+
+    def serve(self, request: tuple[Any, ...]) -> Any:
+        kind = request[0]
+        if kind == "transaction":
+            return self.transaction(request[1])
+        if kind == "open":
+            return self.open(request[1], request[2])
+        if kind == "close":
+            return self.close()
+        raise ValueError(f"unknown request {kind!r}")
+
+    def open(self, pragmas: list[str], schema: str) -> list[str]:
+        """Connects, applies `pragmas` and `schema`; what `PRAGMA quick_check` says."""
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        for pragma in pragmas:
+            self.conn.execute(pragma)
+        self.conn.executescript(schema)
+        return [str(row[0]) for row in self.conn.execute("PRAGMA quick_check")]
+
+    def transaction(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        """Every statement in one transaction: committed together, or not at all."""
+        conn = self.conn
+        if conn is None:
+            raise sqlite3.ProgrammingError("the database is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in statements:
+                conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def widen(fd: int) -> None:
+    """The pipe on `fd` made as large as PIPE_BYTES, or as the system allows."""
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        limit = 1024 * 1024
+    with contextlib.suppress(OSError, AttributeError):  # not a pipe, or not Linux
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(PIPE_BYTES, limit))
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Answers go out on a private copy of stdout; fd 1 becomes stderr, so that nothing else
+    # written to stdout can ever be read as an answer.
+    answers = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    widen(0)
+    requests = sys.stdin.buffer
+    connection = Connection(sys.argv[1])
+    while (request := read_frame(requests)) is not None:
+        try:
+            answer: tuple[Any, ...] = ("ok", connection.serve(request))
+        except Exception as exc:
+            answer = ("error", type(exc).__name__, str(exc))
+        answers.write(frame(answer))
+        if request[0] == "close":
+            break
+    connection.close()
+
+
+if __name__ == "__main__":
+    main()

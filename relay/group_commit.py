@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
 
-from relay.writer import Statement, Writer, WriterGone
+from relay.writer import Statement, Writer
 
 log = logging.getLogger("relay.outbox")
 
@@ -104,8 +102,8 @@ class GroupCommit:
         if not ops:
             return
         try:
-            sent = self.writer.send(self._merged(ops))
-        except WriterGone as exc:
+            sent = self.writer.send(self._statements(ops), self.additive)
+        except Exception as exc:  # the writer gone, or rows it cannot take: none may hang
             self._failed(ops, exc)
             return
         self._in_flight = sent
@@ -120,8 +118,11 @@ class GroupCommit:
             self._failed(ops, exc)
         self._next()
 
-    def _merged(self, ops: list[Op]) -> list[Statement]:
-        return merged((s for st, _ in ops for s in st), self.additive)
+    @staticmethod
+    def _statements(ops: list[Op]) -> list[Statement]:
+        """The ops' statements in order; the writer merges them (`writer_child.merged`), in
+        its own process."""
+        return [statement for statements, _ in ops for statement in statements]
 
     def _succeeded(self, ops: list[Op]) -> None:
         if not self.writable:
@@ -160,9 +161,9 @@ class GroupCommit:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
                 ops, self._ops = self._ops, []
-                statements = self._merged(ops) if ops else [(self.probe, [(time.time(),)])]
+                statements = self._statements(ops) if ops else [(self.probe, [(time.time(),)])]
                 try:
-                    await self.writer.transaction(statements)
+                    await self.writer.transaction(statements, self.additive)
                 except Exception as exc:
                     self._fail(ops, StorageError(str(exc)))
                     if self._closing:
@@ -172,20 +173,3 @@ class GroupCommit:
         finally:
             self._recovery = None
         self._next()
-
-
-def merged(statements: Iterable[Statement], additive: frozenset[str]) -> list[Statement]:
-    """One executemany per SQL text (in the order each first appears, its rows in their order)
-    instead of one per request, and the rows of `additive` upserts summed by key first. Writes of
-    different SQL texts must commute: in relay, outbox rows are only inserted with fresh ids
-    (AUTOINCREMENT) or deleted by id, and every other table is written by one SQL text alone."""
-    by_sql: dict[str, list[tuple[Any, ...]]] = {}
-    for sql, rows in statements:
-        if rows:
-            by_sql.setdefault(sql, []).extend(rows)
-    for sql in additive & by_sql.keys():
-        sums: dict[Any, int] = {}
-        for key, n in by_sql[sql]:
-            sums[key] = sums.get(key, 0) + n
-        by_sql[sql] = list(sums.items())
-    return list(by_sql.items())

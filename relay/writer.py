@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import marshal
 import os
-import pickle
 import sqlite3
 import sys
 from typing import Any
 
 from relay import writer_child
 
-Statement = tuple[str, list[tuple[Any, ...]]]
+Statement = writer_child.Statement
 
 _ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls for cls in (
@@ -62,22 +62,24 @@ class Writer:
         self._opened = (pragmas, schema)
         return verdict
 
-    def send(self, statements: list[Statement]) -> asyncio.Future[None]:
+    def send(self, statements: list[Statement],
+             additive: frozenset[str] = frozenset()) -> asyncio.Future[None]:
         """Every statement in one transaction, sent now: the future is done once they are
         committed together, or failed. A failure from SQLite committed nothing; WriterGone
         (the child died before it answered) may follow a commit, whose messages then go out
         twice when the SDK sends them again, as after any crash. Raises WriterGone at once with
         no child running."""
-        return self._send(("transaction", statements))
+        return self._send(("transaction", statements, additive))
 
-    async def transaction(self, statements: list[Statement]) -> None:
+    async def transaction(self, statements: list[Statement],
+                          additive: frozenset[str] = frozenset()) -> None:
         """`send`, starting a new child first if the last one ended."""
         if not self.alive:
             await self._end()
             await self._start()
             if self._opened is not None:
                 await self._send(("open", *self._opened))
-        await self.send(statements)
+        await self.send(statements, additive)
 
     async def close(self) -> None:
         """Closes the connection and waits for the child to end."""
@@ -128,7 +130,7 @@ class Writer:
         try:
             while True:
                 (length,) = writer_child.HEADER.unpack(await proc.stdout.readexactly(size))
-                answer = pickle.loads(await proc.stdout.readexactly(length))
+                answer = marshal.loads(await proc.stdout.readexactly(length))
                 future = self._waiting.popleft()
                 if future.done():
                     continue

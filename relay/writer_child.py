@@ -6,8 +6,10 @@ connection on a thread of relay's own, a commit under load waited for the loop t
 lock after every row.
 
 It reads framed requests on stdin and answers each on the stdout it was started with: a frame is
-a 4-byte big-endian length and a pickle. Requests: `("open", pragmas, schema)`,
-`("transaction", [(sql, rows), ...])`, `("close",)`. Answers: `("ok", value)` or
+a 4-byte big-endian length and a value in `marshal`'s format (both ends run the same
+interpreter, and it is about twice as fast as pickle for rows of strings and numbers).
+Requests: `("open", pragmas, schema)`, `("transaction", [(sql, rows), ...], additive)`,
+`("close",)`. Answers: `("ok", value)` or
 `("error", class name, message)`. It ends when stdin ends (relay stopped or was killed), so it
 never outlives relay, and it ignores SIGINT and SIGTERM, which a terminal or a service manager
 may send to relay's whole process group: relay commits what is queued and then closes it.
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import marshal
 import os
-import pickle
 import signal
 import sqlite3
 import struct
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+Statement = tuple[str, list[tuple[Any, ...]]]
 HEADER = struct.Struct(">I")
 # A commit under load is hundreds of kilobytes; through a pipe of the default 64 KB, relay could
 # only top it up between two of the requests it was busy answering, and the commit waited for
@@ -42,11 +46,11 @@ def read_frame(stream: IO[bytes]) -> Any:
     body = stream.read(size)
     if len(body) < size:
         return None
-    return pickle.loads(body)
+    return marshal.loads(body)
 
 
 def frame(value: Any) -> bytes:
-    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    body = marshal.dumps(value)
     return HEADER.pack(len(body)) + body
 
 
@@ -60,7 +64,7 @@ class Connection:
     def serve(self, request: tuple[Any, ...]) -> Any:
         kind = request[0]
         if kind == "transaction":
-            return self.transaction(request[1])
+            return self.transaction(merged(request[1], request[2]))
         if kind == "open":
             return self.open(request[1], request[2])
         if kind == "close":
@@ -75,7 +79,7 @@ class Connection:
         self.conn.executescript(schema)
         return [str(row[0]) for row in self.conn.execute("PRAGMA quick_check")]
 
-    def transaction(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+    def transaction(self, statements: list[Statement]) -> None:
         """Every statement in one transaction: committed together, or not at all."""
         conn = self.conn
         if conn is None:
@@ -94,6 +98,23 @@ class Connection:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+def merged(statements: Iterable[Statement], additive: frozenset[str]) -> list[Statement]:
+    """One executemany per SQL text (in the order each first appears, its rows in their order)
+    instead of one per request, and the rows of `additive` upserts summed by key first. Writes of
+    different SQL texts must commute: in relay, outbox rows are only inserted with fresh ids
+    (AUTOINCREMENT) or deleted by id, and every other table is written by one SQL text alone."""
+    by_sql: dict[str, list[tuple[Any, ...]]] = {}
+    for sql, rows in statements:
+        if rows:
+            by_sql.setdefault(sql, []).extend(rows)
+    for sql in additive & by_sql.keys():
+        sums: dict[Any, int] = {}
+        for key, n in by_sql[sql]:
+            sums[key] = sums.get(key, 0) + n
+        by_sql[sql] = list(sums.items())
+    return list(by_sql.items())
 
 
 def widen(fd: int) -> None:

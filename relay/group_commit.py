@@ -13,11 +13,6 @@ from relay.writer import Statement, Writer
 log = logging.getLogger("relay.outbox")
 
 PROBE_SECONDS = 1.0
-# Under load (a commit ended less than BUSY_SECONDS ago) the next commit waits GATHER_SECONDS,
-# so that more requests share it: a commit's fsync costs more than its rows (bench/profile.md).
-# An idle relay commits at once.
-BUSY_SECONDS = 0.005
-GATHER_SECONDS = 0.001
 
 Op = tuple[list[Statement], "asyncio.Future[None]"]
 
@@ -40,10 +35,9 @@ class GroupCommit:
         self.additive = additive  # upserts whose rows are (key, n), adding n to the key's row
         self.writable = False
         self.commits = 0
-        self._committed_at = 0.0  # time.monotonic() when the last commit ended
         self._ops: list[Op] = []
         self._in_flight: asyncio.Future[None] | None = None
-        self._gathering: asyncio.TimerHandle | None = None
+        self._gathering: asyncio.Handle | None = None
         self._wake = asyncio.Event()
         self._recovery: asyncio.Task[None] | None = None
         self._started = False
@@ -82,16 +76,15 @@ class GroupCommit:
         await future
 
     def _next(self) -> None:
-        """Sends what is queued now, after the gathering wait, or not yet (one is in flight)."""
+        """Sends what is queued once the event loop has run what is ready now (the other
+        requests read in the same turn join this commit at no cost in time), or not yet, while
+        one is in flight (what comes meanwhile goes in the next)."""
         if not self._ops or self._in_flight is not None or self._gathering is not None:
             return
         if not self.writable:
             self._wake.set()
             return
-        if time.monotonic() - self._committed_at < BUSY_SECONDS and not self._closing:
-            self._gathering = asyncio.get_running_loop().call_later(GATHER_SECONDS, self._gathered)
-            return
-        self._send()
+        self._gathering = asyncio.get_running_loop().call_soon(self._gathered)
 
     def _gathered(self) -> None:
         self._gathering = None
@@ -129,7 +122,6 @@ class GroupCommit:
             log.warning("storage: writable again")
         self.writable = True
         self.commits += 1
-        self._committed_at = time.monotonic()
         for _, future in ops:
             if not future.done():
                 future.set_result(None)

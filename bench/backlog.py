@@ -125,7 +125,8 @@ def top_up(db: Path, count: int, tag: str) -> int:
 
 
 async def rss_mb(bench: Bench) -> float:
-    """relay's VmRSS in MB, the median of three readings over a second."""
+    """relay's VmRSS in MB (its own process and the writer process together), the median of
+    three readings over a second."""
     readings = []
     for _ in range(3):
         readings.append(bench.relay_rss()["VmRSS"] / 1024)

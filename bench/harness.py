@@ -156,8 +156,9 @@ class Bench:
         return out
 
     def relay_rss(self) -> dict[str, int]:
+        """relay's memory: its own process and its children (the writer process) together."""
         assert self.relay is not None
-        return services.rss_kb(self.relay.popen.pid)
+        return services.tree_rss_kb(self.relay.popen.pid)
 
 
 def start(procs: Procs, install: bool, use_wrk: bool) -> Bench:

@@ -107,12 +107,17 @@ async def throughput(bench: Bench, plan: Plan, key: str, shape: Shape) -> Figure
 
 
 async def warm_up(bench: Bench) -> None:
-    """One short run per target, not counted: first requests pay for imports and caches."""
+    """Short runs per target, not counted: first requests pay for imports and caches (relay's
+    user state among them: the batches' group calls and identifies), and a fresh SQLite file
+    for growing. Each target gets the same: single events as the track scenario sends them,
+    then batches."""
     say("\n== warm-up (not counted)")
     for target in bench.targets:
-        tag = await bench.tag("w", target)
-        run = await bench.load(target, TRACK_SHAPE, tag, 1.0, 16)
-        say(describe(run, await checked(bench, run)))
+        for shape, seconds, connections in ((TRACK_SHAPE, 1.5, TRACK_CONNECTIONS),
+                                            (batch_shape(BATCH), 1.0, BATCH_CONNECTIONS)):
+            tag = await bench.tag("w", target)
+            run = await bench.load(target, shape, tag, seconds, connections)
+            say(describe(run, await checked(bench, run)))
 
 
 async def track(bench: Bench, plan: Plan) -> Figure:

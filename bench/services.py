@@ -207,3 +207,19 @@ def rss_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
+
+
+def tree_rss_kb(pid: int) -> dict[str, int]:
+    """`rss_kb` summed over a process and its children (peaks summed: an upper bound)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    total = rss_kb(pid)
+    for child in children:
+        try:
+            for key, value in rss_kb(int(child)).items():
+                total[key] = total.get(key, 0) + value
+        except OSError:  # ended meanwhile
+            continue
+    return total

@@ -24,6 +24,7 @@ from relay.yamlsource import Path, Source
 Message = dict[str, Any]
 _ABSENT = object()
 OPERATORS = ("equals", "in", "exists", "matches")
+EVENTS_REMEMBERED = 4096  # event names an `event:` glob remembers its verdict for
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,20 @@ def _event_glob(value: Any, path: Path, source: Source) -> Callable[[Message], b
         source.error(path, "must be a glob like 'Debug *' or a list of them")
         return _never
     pattern = re.compile("|".join(fnmatch.translate(g) for g in globs))
+    # An app sends a small set of event names over and over: each is matched once, then looked
+    # up (a third of the cost); the memory is bounded by starting over when it fills.
+    seen: dict[str, bool] = {}
 
     def test(m: Message) -> bool:
         event = m.get("event")
-        return isinstance(event, str) and pattern.match(event) is not None
+        if event.__class__ is not str:
+            return isinstance(event, str) and pattern.match(event) is not None
+        found = seen.get(event)
+        if found is None:
+            if len(seen) >= EVENTS_REMEMBERED:
+                seen.clear()
+            found = seen[event] = pattern.match(event) is not None
+        return found
 
     return test
 

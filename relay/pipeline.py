@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -82,15 +82,43 @@ class Effect:
     error: str | None = None
 
 
-@dataclass(slots=True)  # one per message: slots make it half as slow to build
-class Outcome:
-    """One message after the pipeline: the final message or the drop, and every rule's effect."""
+# Shared by every Outcome until a rule changes its message (most never are): two lists fewer to
+# make per message. Only `Outcome.changed` and `Outcome.effected` add to an Outcome's own.
+_UNCHANGED: list[str] = []
+_NO_EFFECTS: list[Effect] = []
 
-    message: Message | None
-    dropped_by: str | None = None
-    reason: str | None = None
-    changed_by: list[str] = field(default_factory=list)
-    effects: list[Effect] = field(default_factory=list)
+
+class Outcome:
+    """One message after the pipeline: the final message or the drop, and every rule's effect.
+    (A class of its own rather than a dataclass, which would not share the empty lists; one is
+    made per message, and slots make it half as slow to build.)"""
+
+    __slots__ = ("changed_by", "dropped_by", "effects", "message", "reason")
+
+    def __init__(self, message: Message | None, dropped_by: str | None = None,
+                 reason: str | None = None, changed_by: list[str] | None = None,
+                 effects: list[Effect] | None = None) -> None:
+        self.message = message
+        self.dropped_by = dropped_by
+        self.reason = reason
+        self.changed_by = _UNCHANGED if changed_by is None else changed_by
+        self.effects = _NO_EFFECTS if effects is None else effects
+
+    def __repr__(self) -> str:
+        return (f"Outcome(message={self.message!r}, dropped_by={self.dropped_by!r}, "
+                f"reason={self.reason!r}, changed_by={self.changed_by!r})")
+
+    def changed(self, step: str) -> None:
+        if self.changed_by is _UNCHANGED:
+            self.changed_by = [step]
+        else:
+            self.changed_by.append(step)
+
+    def effected(self, effect: Effect) -> None:
+        if self.effects is _NO_EFFECTS:
+            self.effects = [effect]
+        else:
+            self.effects.append(effect)
 
 
 Now = Callable[[Message, RuleContext], "Message | Drop | Later"]
@@ -179,7 +207,7 @@ class Pipeline:
         log.exception("rule %s failed on message %s; on_rule_error: %s", step,
                       message.get("messageId"), self.on_error, exc_info=exc)
         if trace:
-            outcome.effects.append(Effect(step, message, message, error=repr(exc)))
+            outcome.effected(Effect(step, message, message, error=repr(exc)))
         if self.on_error == "drop":
             _dropped(outcome, step, "rule_error")
             return True
@@ -192,12 +220,12 @@ class Pipeline:
         with, or None once dropped."""
         if isinstance(result, Drop):
             if trace:
-                outcome.effects.append(Effect(step, message, None, result.reason))
+                outcome.effected(Effect(step, message, None, result.reason))
             _dropped(outcome, step, result.reason)
             return None
-        outcome.changed_by.append(step)
+        outcome.changed(step)
         if trace:
-            outcome.effects.append(Effect(step, message, result))
+            outcome.effected(Effect(step, message, result))
         return result
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from relay import condition as condition_module
 from relay import config
 from relay.pipeline import Drop, Message, Pipeline, RuleContext, Step
 from relay.state import SqliteState
@@ -123,6 +124,17 @@ def test_condition(condition: str, message: Message, matches: bool) -> None:
     before = copy.deepcopy(message)
     assert when(condition).matches(message) is matches
     assert message == before
+
+
+def test_event_glob_verdicts_stay_right_past_the_names_it_remembers() -> None:
+    """An `event:` glob remembers its verdict per event name; with more names than it keeps
+    (it starts over) every verdict is still the glob's, asked twice each."""
+    condition = when('{event: "Debug *"}')
+    names = [f"Debug {i}" if i % 3 == 0 else f"Click {i}"
+             for i in range(condition_module.EVENTS_REMEMBERED * 2 + 5)]
+    for _ in range(2):
+        verdicts = [condition.matches(track(event=name)) for name in names]
+        assert verdicts == [name.startswith("Debug ") for name in names]
 
 
 OPERATORS = "equals, in, exists, matches"

@@ -59,10 +59,10 @@ class OneGroupPerUser:
         context = message.get("context")
         if isinstance(context, dict) and identity.text_id(context.get("groupId")) is not None:
             return message
-        group = current_group_now(message, ctx.state)
-        if group is MISSING:
+        found = _ref_and_group_now(message, ctx.state)
+        if found is MISSING:
             return LATER
-        ref = identity.primary_ref(message)
+        ref, group = found
         if kind == "track" and ref is not None:
             ctx.state.note_ungrouped_track(ref)  # after the read, unlike apply: they are apart
         return message if group is None else _injected(message, context, group)
@@ -132,16 +132,24 @@ async def current_group(message: Message, state: State) -> str | None:
     return None
 
 
-def current_group_now(message: Message, state: State) -> str | Missing | None:
-    """`current_group` from memory, or MISSING (unrolled: it runs for most messages)."""
+def _ref_and_group_now(message: Message,
+                       state: State) -> tuple[str | None, str | None] | Missing:
+    """`identity.primary_ref` and, from memory (or MISSING), `current_group` at once, each id
+    read and made a ref once: what every ungrouped track needs."""
     user_id = identity.text_id(message.get("userId"))
+    ref = None
     if user_id is not None:
-        membership = state.group_now(user_ref(user_id))
+        ref = user_ref(user_id)
+        membership = state.group_now(ref)
+        if membership is MISSING:
+            return MISSING
         if membership is not None:
-            return membership if membership is MISSING else membership.group_id
+            return ref, membership.group_id
     anonymous_id = identity.text_id(message.get("anonymousId"))
-    if anonymous_id is not None:
-        membership = state.group_now(anon_ref(anonymous_id))
-        if membership is not None:
-            return membership if membership is MISSING else membership.group_id
-    return None
+    if anonymous_id is None:
+        return ref, None
+    anonymous = anon_ref(anonymous_id)
+    membership = state.group_now(anonymous)
+    if membership is MISSING:
+        return MISSING
+    return ref or anonymous, None if membership is None else membership.group_id

@@ -94,7 +94,7 @@ class Writer:
             raise WriterGone("the writer process is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
-        requests.write(writer_child.frame(request))
+        requests.writelines(writer_child.frame(request))
         return future
 
     async def _start(self) -> None:

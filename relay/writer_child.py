@@ -49,9 +49,11 @@ def read_frame(stream: IO[bytes]) -> Any:
     return marshal.loads(body)
 
 
-def frame(value: Any) -> bytes:
+def frame(value: Any) -> tuple[bytes, bytes]:
+    """`value` as a frame: its head and its body, apart (a commit's body is hundreds of
+    kilobytes, not to be copied once more only to put four bytes before it)."""
     body = marshal.dumps(value)
-    return HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)), body
 
 
 class Connection:
@@ -142,7 +144,7 @@ def main() -> None:
             answer: tuple[Any, ...] = ("ok", connection.serve(request))
         except Exception as exc:
             answer = ("error", type(exc).__name__, str(exc))
-        answers.write(frame(answer))
+        answers.writelines(frame(answer))
         if request[0] == "close":
             break
     connection.close()

@@ -94,10 +94,9 @@ async def test_kill_9_twenty_times_under_load_loses_no_acked_message(
             connection_errors=load.connection_errors)
 
 
-async def test_writer_process_ends_with_relay_even_on_kill_9(
-        upstream, write_config, processes, tmp_path):
-    """relay's writer process (the one SQLite connection that writes) exits by itself within
-    seconds of relay being killed with SIGKILL, so no orphan keeps the database open."""
+async def started(upstream: FakeUpstream, write_config: Callable[..., Path],
+                  processes: list[RelayProcess], tmp_path: Path) -> RelayProcess:
+    """relay as a process with one upstream, ready."""
     port = free_port()
     path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
                         listen=f"127.0.0.1:{port}")
@@ -105,6 +104,14 @@ async def test_writer_process_ends_with_relay_even_on_kill_9(
     processes.append(relay)
     relay.spawn()
     await relay.wait_ready()
+    return relay
+
+
+async def test_writer_process_ends_with_relay_even_on_kill_9(
+        upstream, write_config, processes, tmp_path):
+    """relay's writer process (the one SQLite connection that writes) exits by itself within
+    seconds of relay being killed with SIGKILL, so no orphan keeps the database open."""
+    relay = await started(upstream, write_config, processes, tmp_path)
     writers = relay.writer_pids()
     assert len(writers) == 1, relay.output()
     assert relay.kill_and_wait() == -signal.SIGKILL
@@ -120,13 +127,7 @@ async def test_killed_writer_process_is_replaced_and_loses_no_acked_message(
         upstream, write_config, processes, tmp_path):
     """Killing the writer process under load costs at most some 503 answers (never a 500, never
     relay itself): a new writer takes over, acks go on, and every acked message is delivered."""
-    port = free_port()
-    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
-                        listen=f"127.0.0.1:{port}")
-    relay = RelayProcess(path, port, tmp_path / "relay.log")
-    processes.append(relay)
-    relay.spawn()
-    await relay.wait_ready()
+    relay = await started(upstream, write_config, processes, tmp_path)
     async with Load(relay.url, tag="wk") as load:
         for _ in range(3):
             assert await acks_grow(load, 0.3) > 0

@@ -139,7 +139,7 @@ class Writer:
                 else:
                     future.set_exception(
                         _ERRORS.get(answer[1], sqlite3.OperationalError)(answer[2]))
-        except (OSError, asyncio.IncompleteReadError, IndexError) as exc:
+        except Exception as exc:  # ended, or (never seen) out of step: nothing may wait on
             gone = f"the writer process ended ({type(exc).__name__})"
         while self._waiting:
             future = self._waiting.popleft()

@@ -9,10 +9,10 @@ It reads framed requests on stdin and answers each on the stdout it was started 
 a 4-byte big-endian length and a value in `marshal`'s format (both ends run the same
 interpreter, and it is about twice as fast as pickle for rows of strings and numbers).
 Requests: `("open", pragmas, schema)`, `("transaction", [(sql, rows), ...], additive)`,
-`("close",)`. Answers: `("ok", value)` or
-`("error", class name, message)`. It ends when stdin ends (relay stopped or was killed), so it
-never outlives relay, and it ignores SIGINT and SIGTERM, which a terminal or a service manager
-may send to relay's whole process group: relay commits what is queued and then closes it.
+`("close",)`. Answers: `("ok", value)` or `("error", class name, message)`. It ends when stdin
+ends (relay stopped or was killed), so it never outlives relay, and it ignores SIGINT and
+SIGTERM, which a terminal or a service manager may send to relay's whole process group: relay
+commits what is queued and then closes it.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import IO, Any
 
 Statement = tuple[str, list[tuple[Any, ...]]]
 HEADER = struct.Struct(">I")
-# A commit under load is hundreds of kilobytes; through a pipe of the default 64 KB, relay could
-# only top it up between two of the requests it was busy answering, and the commit waited for
-# that. As large as the system allows, up to this.
+# A commit under load is hundreds of kilobytes; through a narrower pipe relay could only top it
+# up between two of the requests it was busy answering, and the commit waited for that. relay
+# widens the pipe it writes requests into (`widen`) as far as the system allows, up to this.
 PIPE_BYTES = 4 * 1024 * 1024
 
 
@@ -136,7 +136,6 @@ def main() -> None:
     # written to stdout can ever be read as an answer.
     answers = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
-    widen(0)
     requests = sys.stdin.buffer
     connection = Connection(sys.argv[1])
     while (request := read_frame(requests)) is not None:

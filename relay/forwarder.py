@@ -72,6 +72,7 @@ class Forwarder:
         self._deadline: float | None = None
         self._stop = asyncio.Event()
         self._ahead: asyncio.Task[list[Pending]] | None = None  # the next batch, read ahead
+        self._acking: asyncio.Task[None] | None = None  # the last delivered batch's delete
 
     def stop(self, grace_seconds: float) -> None:
         """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
@@ -90,11 +91,16 @@ class Forwarder:
                 ahead.cancel()
                 if ahead.done() and not ahead.cancelled():
                     ahead.exception()  # retrieved, so that asyncio does not log it
+            # What was delivered is deleted before relay stops, not sent again on the next start.
+            with contextlib.suppress(StorageError, sqlite3.Error):
+                await self._acked()
 
     async def _deliver_all(self, signal: asyncio.Event) -> None:
         while not self._out_of_time():
             signal.clear()
             try:
+                if self._ahead is None:
+                    await self._acked()  # a read from the start must not see what was sent
                 batch = self._fit(await (self._ahead or self._read()))
                 self._ahead = None
                 if not batch:
@@ -147,7 +153,8 @@ class Forwarder:
         self.metrics.deliveries.labels(self.upstream.name, str(answer.status or "error")).inc()
         self.metrics.batch_messages.observe(len(batch))
         if 200 <= answer.status < 300:
-            await self.outbox.ack(batch)
+            await self._acked()
+            self._acking = asyncio.create_task(self.outbox.ack(batch))
             self._recovered()
             return None
         if answer.status in (400, 413):
@@ -174,6 +181,14 @@ class Forwarder:
                 return Answer(response.status, text[:ANSWER_SNIPPET], wait)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             return Answer(0, f"{type(exc).__name__}: {exc}"[:ANSWER_SNIPPET])
+
+    async def _acked(self) -> None:
+        """Waits for the delete of the last delivered batch, which commits while the next batch
+        is on its way (the two used to take turns); raises what it failed with. Its messages are
+        then still stored and are sent again: the vendor deduplicates on messageId."""
+        acking, self._acking = self._acking, None
+        if acking is not None:
+            await acking
 
     async def _bisect(self, batch: list[Pending], answer: Answer) -> float | None:
         """A refused batch split in halves until the message the upstream rejects stands alone."""

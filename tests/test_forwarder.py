@@ -522,6 +522,51 @@ async def test_backlog_of_full_batches_and_two_keys_goes_out_in_order(
         ("key-A", 5), ("key-A", 5), ("key-B", 5), ("key-B", 5), ("key-A", 5), ("key-A", 5)]
 
 
+async def test_a_delete_that_fails_after_delivery_loses_nothing(
+    upstream, write_config, start_relay, http
+):
+    """While SQLite refuses to delete delivered messages (a trigger aborts every delete), they
+    stay stored and go out again; once deletes work, every message has arrived and the outbox
+    empties, each batch starting where the last delivered one ended or at the oldest kept."""
+    path = write_config([seg(upstream, max_batch_messages=5)])
+    async with start_relay(path) as relay:
+        await upstream.stop()
+        sent = await send(http, relay, tracks("u", 15))
+        with contextlib.closing(sqlite3.connect(db(relay), isolation_level=None)) as conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON outbox"
+                         " BEGIN SELECT RAISE(ABORT, 'deletes refused'); END")
+        await upstream.start()
+        await until(lambda: len(upstream.requests) >= 4, seconds=10, what="batches sent again")
+        assert outbox_count(relay) == 15  # none deleted, so none lost
+        with contextlib.closing(sqlite3.connect(db(relay), isolation_level=None)) as conn:
+            conn.execute("DROP TRIGGER refuse")
+        await drained(relay)
+    assert set(upstream.accepted_ids()) == set(sent)
+    assert batch_ids(upstream.requests[0]) == sent[:5]
+    for request in upstream.requests:
+        first = sent.index(batch_ids(request)[0])
+        assert batch_ids(request) == sent[first:first + len(batch_ids(request))]
+    assert len(upstream.accepted_ids()) > len(sent)  # what could not be deleted went again
+
+
+async def test_a_clean_stop_right_after_delivery_sends_nothing_twice(
+    upstream, write_config, start_relay, http
+):
+    """The delete of the last delivered batch commits before relay stops: started again on the
+    same file, relay has nothing left to send."""
+    path = write_config([seg(upstream, max_batch_messages=5)])
+    async with start_relay(path) as relay:
+        await upstream.stop()
+        sent = await send(http, relay, tracks("u", 20))
+        await upstream.start()
+        await upstream.wait_for(20, seconds=10)
+    assert upstream.accepted_ids() == sent
+    async with start_relay(path) as relay:
+        assert outbox_count(relay) == 0
+        await asyncio.sleep(0.3)
+    assert upstream.accepted_ids() == sent
+
+
 LONGEST_KEY = "k" * 256  # the longest write key relay accepts; segment batches carry it in the body
 
 

@@ -58,7 +58,7 @@ class Writer:
     async def open(self, pragmas: list[str], schema: str) -> list[str]:
         """Connects, applies `pragmas` and `schema`; returns what `PRAGMA quick_check` says."""
         await self._start()
-        verdict: list[str] = await self._send(("open", pragmas, schema))
+        verdict: list[str] = await self._send(("open", pragmas, schema, True))
         self._opened = (pragmas, schema)
         return verdict
 
@@ -78,7 +78,10 @@ class Writer:
             await self._end()
             await self._start()
             if self._opened is not None:
-                await self._send(("open", *self._opened))
+                # Checked when relay started; a writer process that died leaves SQLite's file
+                # whole (a commit is all or nothing), and on a large file the check would keep
+                # every request waiting for seconds.
+                await self._send(("open", *self._opened, False))
         await self.send(statements, additive)
 
     async def close(self) -> None:

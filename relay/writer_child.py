@@ -8,7 +8,7 @@ lock after every row.
 It reads framed requests on stdin and answers each on the stdout it was started with: a frame is
 a 4-byte big-endian length and a value in `marshal`'s format (both ends run the same
 interpreter, and it is about twice as fast as pickle for rows of strings and numbers).
-Requests: `("open", pragmas, schema)`, `("transaction", [(sql, rows), ...], additive)`,
+Requests: `("open", pragmas, schema, check)`, `("transaction", [(sql, rows), ...], additive)`,
 `("close",)`. Answers: `("ok", value)` or `("error", class name, message)`. It ends when stdin
 ends (relay stopped or was killed), so it never outlives relay, and it ignores SIGINT and
 SIGTERM, which a terminal or a service manager may send to relay's whole process group: relay
@@ -68,17 +68,20 @@ class Connection:
         if kind == "transaction":
             return self.transaction(merged(request[1], request[2]))
         if kind == "open":
-            return self.open(request[1], request[2])
+            return self.open(request[1], request[2], request[3])
         if kind == "close":
             return self.close()
         raise ValueError(f"unknown request {kind!r}")
 
-    def open(self, pragmas: list[str], schema: str) -> list[str]:
-        """Connects, applies `pragmas` and `schema`; what `PRAGMA quick_check` says."""
+    def open(self, pragmas: list[str], schema: str, check: bool) -> list[str]:
+        """Connects, applies `pragmas` and `schema`; with `check`, what `PRAGMA quick_check`
+        says (else nothing)."""
         self.conn = sqlite3.connect(self.path, isolation_level=None)
         for pragma in pragmas:
             self.conn.execute(pragma)
         self.conn.executescript(schema)
+        if not check:
+            return []
         return [str(row[0]) for row in self.conn.execute("PRAGMA quick_check")]
 
     def transaction(self, statements: list[Statement]) -> None:

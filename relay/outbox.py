@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import aiosqlite
+import orjson
 
 from relay import inventory, state
 from relay.capacity import Capacity, OutboxFull
@@ -115,7 +116,7 @@ class Outbox:
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
         try:
-            await self._reader.execute("SELECT value FROM json_each('[1]')")
+            await self._reader.execute_fetchall("SELECT value FROM json_each('[1]')")
         except sqlite3.OperationalError:
             raise sqlite3.DatabaseError(
                 f"SQLite {sqlite3.sqlite_version} has no JSON functions; relay needs SQLite 3.38"
@@ -173,17 +174,28 @@ class Outbox:
         self, upstream: str, max_messages: int, max_bytes: int, by_key: bool, after: int = 0
     ) -> list[Pending]:
         """The oldest messages of `upstream` with ids over `after` (all with the oldest one's
-        key when `by_key`)."""
+        key when `by_key`).
+
+        The rows come back as one JSON value, made by SQLite in a single step: fetched a row at a
+        time, each row took the interpreter lock back from the event loop, and under load that
+        wait (up to the 5 ms switch interval a row) made reading one batch of 500 take seconds,
+        so delivery all but stopped while requests kept coming."""
         assert self._reader is not None
-        sql = ("SELECT id, write_key, user_key, body, enqueued_at FROM outbox"
-               " WHERE upstream = ? AND id > ?")
+        where = "upstream = ? AND id > ?"
         args: tuple[Any, ...] = (upstream, after)
         if by_key:
-            sql += (" AND write_key = (SELECT write_key FROM outbox WHERE upstream = ?"
-                    " AND id > ? ORDER BY id LIMIT 1)")
+            where += (" AND write_key = (SELECT write_key FROM outbox WHERE upstream = ?"
+                      " AND id > ? ORDER BY id LIMIT 1)")
             args = (upstream, after, upstream, after)
-        async with self._reader.execute(sql + " ORDER BY id LIMIT ?", (*args, max_messages)) as cur:
-            rows = await cur.fetchall()
+        sql = ("SELECT json_group_array(json_array(id, write_key, user_key, body, enqueued_at))"
+               " FROM (SELECT id, write_key, user_key, body, enqueued_at FROM outbox"
+               f" WHERE {where} ORDER BY id LIMIT ?)")
+        # Executed and fetched in one call on the reader's thread: between a cursor's execute
+        # and its fetch, another read queued on this connection (drop_oldest's) would run inside
+        # this statement's read transaction and miss what was committed since it began.
+        found = list(await self._reader.execute_fetchall(sql, (*args, max_messages)))
+        rows = orjson.loads(found[0][0]) if found else []
+        rows.sort()  # SQLite does not promise an aggregate's order; ids are unique
         batch: list[Pending] = []
         size = 0
         for row in rows:
@@ -213,9 +225,8 @@ class Outbox:
         """How many messages wait for `upstream`."""
         assert self._reader is not None
         sql = "SELECT count(*) FROM outbox WHERE upstream = ?"
-        async with self._reader.execute(sql, (upstream,)) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        rows = list(await self._reader.execute_fetchall(sql, (upstream,)))
+        return int(rows[0][0]) if rows else 0
 
     async def stats(self) -> list[inventory.QueueStats]:
         """What each upstream's queue holds, on a connection of its own so the forwarders' reads

@@ -274,15 +274,17 @@ class SqliteState:
                  for row in rows if row[1] == user_id}
         if self._conn is not None:
             sql = "SELECT anonymous_id FROM id_links WHERE user_id = ?"
-            async with self._conn.execute(sql, (user_id,)) as cur:
-                found.update(anon_ref(row[0]) for row in await cur.fetchall())
+            found.update(anon_ref(row[0]) for row in await self._conn.execute_fetchall(
+                sql, (user_id,)))
         return sorted(found)
 
     async def _one(self, sql: str, ref: str) -> Any:
         if self._conn is None:
             return None
-        async with self._conn.execute(sql, (ref,)) as cur:
-            return await cur.fetchone()
+        # One call on the connection's thread: between a cursor's execute and its fetch, another
+        # request's read would run inside this statement's read transaction and see old state.
+        rows = list(await self._conn.execute_fetchall(sql, (ref,)))
+        return rows[0] if rows else None
 
     async def _has_tables(self) -> bool:
         assert self._conn is not None

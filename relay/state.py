@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -137,7 +137,8 @@ class SqliteState:
         self._links: Cache[str] = Cache(cache_size)
         self._members: Cache[float] = Cache(cache_size)
         self._pending: list[Statement] = []
-        self._ungrouped: Counter[str] = Counter()
+        # A plain dict: a Counter miss runs `__missing__` in Python, once per new user per request.
+        self._ungrouped: dict[str, int] = {}
 
     async def open(self) -> None:
         """Connects (read-only when dry; a dry state over no file starts empty)."""
@@ -263,7 +264,8 @@ class SqliteState:
 
     def note_ungrouped_track(self, ref: str) -> None:
         """Counts a track call that came without a group (for `relay report`)."""
-        self._ungrouped[ref] += 1
+        ungrouped = self._ungrouped
+        ungrouped[ref] = ungrouped.get(ref, 0) + 1
 
     async def _linked_anonymous(self, ref: str) -> list[str]:
         if not ref.startswith("u:"):

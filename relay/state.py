@@ -181,7 +181,13 @@ class SqliteState:
         return membership
 
     def group_now(self, ref: str) -> Membership | Missing | None:
-        return self._groups.recall(ref)
+        # `Cache.recall` written out: every ungrouped track reads here, and a call is a frame.
+        groups = self._groups
+        try:
+            groups.move_to_end(ref)
+        except KeyError:
+            return MISSING
+        return groups[ref]
 
     async def set_group(self, ref: str, group_id: str, at: str) -> bool:
         """Makes `group_id` current unless a later event already chose another; True if set."""
@@ -211,11 +217,14 @@ class SqliteState:
     def any_internal_now(self, refs: Sequence[str]) -> bool | Missing:
         """Whether one of `refs` is internal, read in order up to the first that is, as awaiting
         `is_internal` on each would."""
-        recall = self._internal.recall
+        internal = self._internal
         for ref in refs:
-            found = recall(ref)
-            if found is not False:
-                return found
+            try:  # `Cache.recall` written out, as in `group_now`
+                internal.move_to_end(ref)
+            except KeyError:
+                return MISSING
+            if internal[ref]:
+                return True
         return False
 
     async def mark_internal(self, refs: Iterable[str], reason: str) -> None:

@@ -47,7 +47,7 @@ async def run(steps: Pipeline, messages: list[dict[str, Any]], state: SqliteStat
     ctx = RuleContext(state=state, route=ROUTE.path)
     start = time.perf_counter()
     for item in messages:
-        message = protocol.message_from(item, {}, ROUTE)
+        message = protocol.message_from(item, (), ROUTE)
         if protocol.invalid_reason(message) is None:
             protocol.stamp(message, None, clock.now(), None)
             outcome = await steps.run(message, ctx)

@@ -152,9 +152,10 @@ class Ingest:
         pipeline = self.pipeline
         entries: list[Entry] = []
         seen = _Seen()
+        shared = protocol.shared_of(top, route)
         types = seen.types
         for item in items:
-            message = protocol.message_from(item, top, route)
+            message = protocol.message_from(item, shared, route)
             reason = protocol.invalid_reason(message)
             if reason is not None:
                 _add(seen.invalid, reason)

@@ -24,7 +24,6 @@ MAX_REQUEST_BYTES = 500 * 1024
 MAX_MESSAGE_ID = 100
 MAX_WRITE_KEY = 256
 _SHORT = {t[0]: t for t in TYPES}
-_ENVELOPE = ("writeKey", "sentAt")
 
 
 class PayloadError(Exception):
@@ -142,19 +141,29 @@ def envelope(payload: Any, route: Route) -> tuple[list[Any], dict[str, Any]]:
     return items, payload
 
 
-def message_from(item: dict[str, Any], top: dict[str, Any], route: Route) -> Message:
-    """One item as a message: `type` from a single call's path, batch context merged in."""
+Shared = tuple[tuple[str, dict[str, Any]], ...]
+
+
+def shared_of(top: dict[str, Any], route: Route) -> Shared:
+    """A batch's own `context` and `integrations`, which every item takes (looked up once per
+    request, not per message)."""
+    if not route.batch:
+        return ()
+    return tuple((key, top[key]) for key in ("context", "integrations")
+                 if isinstance(top.get(key), dict))
+
+
+def message_from(item: dict[str, Any], shared: Shared, route: Route) -> Message:
+    """One item as a message: `type` from a single call's path, the batch's `shared_of` merged
+    in (the item's own keys win)."""
     message = dict(item)  # copied whole, then trimmed: cheaper than filtering every key
-    for key in _ENVELOPE:
-        message.pop(key, None)
+    message.pop("writeKey", None)  # the request's envelope fields, which relay sets itself
+    message.pop("sentAt", None)
     if route.type is not None:
         message["type"] = route.type
-    if route.batch:
-        for key in ("context", "integrations"):
-            shared = top.get(key)
-            if isinstance(shared, dict):
-                own = message.get(key)
-                message[key] = {**shared, **own} if isinstance(own, dict) else dict(shared)
+    for key, fields in shared:
+        own = message.get(key)
+        message[key] = {**fields, **own} if isinstance(own, dict) else dict(fields)
     return message
 
 

@@ -51,7 +51,7 @@ async def run(config: Config, body: bytes, path: str | None = None) -> list[str]
 
 async def _one(index: int, item: dict[str, Any], top: dict[str, Any], route: Route, *,
                pipeline: Pipeline, ctx: RuleContext) -> list[str]:
-    message = protocol.message_from(item, top, route)
+    message = protocol.message_from(item, protocol.shared_of(top, route), route)
     reason = protocol.invalid_reason(message)
     if reason is not None:
         head = f"message {index} ({message.get('type')}):"

@@ -58,7 +58,7 @@ def test_batch_context_merges_into_items():
     """Batch-level context and integrations reach every item; the item's own keys win."""
     top = {"context": {"app": "a", "ip": "1"}, "integrations": {"All": False}, "writeKey": "K"}
     item = {"type": "track", "context": {"ip": "2"}, "writeKey": "K", "sentAt": "x"}
-    message = protocol.message_from(item, top, BATCH)
+    message = protocol.message_from(item, protocol.shared_of(top, BATCH), BATCH)
     assert message["context"] == {"app": "a", "ip": "2"}
     assert message["integrations"] == {"All": False}
     assert "writeKey" not in message and "sentAt" not in message
@@ -66,7 +66,14 @@ def test_batch_context_merges_into_items():
 
 def test_single_call_type_comes_from_path():
     """A single call's type is the route's, whatever the body says."""
-    assert protocol.message_from({"type": "page"}, {}, TRACK)["type"] == "track"
+    assert protocol.message_from({"type": "page"}, (), TRACK)["type"] == "track"
+
+
+def test_batch_fields_that_are_not_objects_are_not_shared():
+    """Only a batch's object-valued context and integrations are shared, and only by batches."""
+    top = {"context": "nope", "integrations": {"All": False}}
+    assert protocol.shared_of(top, BATCH) == (("integrations", {"All": False}),)
+    assert protocol.shared_of(top, TRACK) == ()
 
 
 @pytest.mark.parametrize(

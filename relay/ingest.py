@@ -164,16 +164,15 @@ class Ingest:
             types[kind] = types.get(kind, 0) + 1
             ip = remote if protocol.wants_ip(message, route) else None
             protocol.stamp(message, item.get("sentAt", sent_at), received, ip)
-            outcome = pipeline.start(message, ctx)
-            if not isinstance(outcome, Outcome):  # a rule had to wait for storage
-                outcome = await outcome
-            if outcome.changed_by:
+            final = pipeline.start(message, ctx)
+            if not isinstance(final, dict):  # a rule changed or dropped it, or had to wait
+                outcome = final if isinstance(final, Outcome) else await final
                 for step in outcome.changed_by:
                     _add(seen.changed, step)
-            if outcome.message is None:
-                _add(seen.dropped, (str(outcome.dropped_by), str(outcome.reason)))
-                continue
-            final = outcome.message
+                if outcome.message is None:
+                    _add(seen.dropped, (str(outcome.dropped_by), str(outcome.reason)))
+                    continue
+                final = outcome.message
             entries.append((protocol.user_key(final), protocol.dumps(final)))
         counts, tally = seen.totals()
         return entries, counts, tally

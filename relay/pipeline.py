@@ -146,36 +146,44 @@ class Pipeline:
                      getattr(step.rule, "apply_now", None))
             for step in self.steps)
         # The same as plain tuples, for `start`: unpacked into locals, read faster than fields.
-        self._quick = tuple((p.id, p.when, p.now) for p in self._plan)
+        self._quick = tuple((i, p.id, p.when, p.now) for i, p in enumerate(self._plan))
 
     async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
         """Every step over `message`; a rule that raises is logged, never fatal to ingest."""
         started = self.start(message, ctx, trace)
+        if isinstance(started, dict):
+            return Outcome(started)
         return started if isinstance(started, Outcome) else await started
 
     def start(self, message: Message, ctx: RuleContext,
-              trace: bool = False) -> Outcome | Coroutine[Any, Any, Outcome]:
-        """`run` without a coroutine of its own, which costs as much as a rule: the Outcome when
-        no rule had to wait, else an awaitable of it that goes on from the rule that must."""
-        outcome = Outcome(message=None)
-        for index, (step_id, when, now) in enumerate(self._quick):
+              trace: bool = False) -> Message | Outcome | Coroutine[Any, Any, Outcome]:
+        """`run` without a coroutine of its own, which costs as much as a rule: the message
+        itself when every rule left it as it was (most messages: no Outcome to make), the
+        Outcome when a rule changed, dropped or failed on it, else an awaitable of the Outcome
+        that goes on from the rule that must wait."""
+        outcome = None
+        for index, step_id, when, now in self._quick:
             if when is not None and not when(message):
                 continue
             if now is None:
-                return self._finish(outcome, message, ctx, trace, index)
+                return self._finish(outcome or Outcome(None), message, ctx, trace, index)
             try:
                 result = now(message, ctx)
             except Exception as exc:
+                outcome = outcome or Outcome(None)
                 if self._failed(outcome, step_id, message, exc, trace):
                     return outcome
                 continue
             if result is LATER:
-                return self._finish(outcome, message, ctx, trace, index)
+                return self._finish(outcome or Outcome(None), message, ctx, trace, index)
             if result is not message:  # most rules leave most messages alone: nothing to record
+                outcome = outcome or Outcome(None)
                 after = self._settle(outcome, step_id, message, result, trace)
                 if after is None:
                     return outcome
                 message = after
+        if outcome is None:
+            return message
         outcome.message = message
         return outcome
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay import clock, config, protocol
 from relay.pipeline import Pipeline, RuleContext
+from relay.receipt import Receipt
 from relay.state import SqliteState
 
 ROUTE = protocol.Route("/v1/batch", batch=True)
@@ -49,7 +50,7 @@ async def run(steps: Pipeline, messages: list[dict[str, Any]], state: SqliteStat
     for item in messages:
         message = protocol.message_from(item, (), ROUTE)
         if protocol.invalid_reason(message) is None:
-            protocol.stamp(message, None, clock.now(), None)
+            Receipt(clock.now(), None).stamp(message, None, None)
             outcome = await steps.run(message, ctx)
             if outcome.message is not None:
                 protocol.dumps(outcome.message)

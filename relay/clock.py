@@ -69,17 +69,17 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-def corrected(timestamp: Any, sent_at: datetime | None, received_at: datetime) -> str | None:
-    """The event time with the client's clock skew removed, or None to leave it as sent.
+def shifted(timestamp: Any, skew: timedelta) -> str | None:
+    """The event time `timestamp` with the client's clock skew removed, or None to leave it as
+    sent (not a time relay can read).
 
-    Segment's documented formula: `timestamp = receivedAt - (sentAt - timestamp)`. Applied
-    at receive time, so hours spent in the outbox never shift the event.
+    Segment's documented formula: `timestamp = receivedAt - (sentAt - timestamp)`, where `skew`
+    is `receivedAt - sentAt`. Applied at receive time, so hours spent in the outbox never shift
+    the event.
     """
-    if timestamp is None:
-        return iso(received_at)
-    if sent_at is None or not isinstance(timestamp, str) or len(timestamp) > _LONGEST:
+    if not isinstance(timestamp, str) or len(timestamp) > _LONGEST:
         return None
-    return _shifted(timestamp, received_at - sent_at)
+    return _shifted(timestamp, skew)
 
 
 # Keyed by the skew, which a batch's messages share: a key that hashes far faster than the

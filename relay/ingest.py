@@ -20,6 +20,7 @@ from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox
 from relay.pipeline import Outcome, Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
+from relay.receipt import Receipt
 from relay.state import SqliteState
 
 log = logging.getLogger("relay.ingest")
@@ -146,8 +147,8 @@ class Ingest:
     ) -> tuple[list[Entry], dict[str, int], Tally]:
         """Each item validated, stamped and run through the rules; what is left, serialised,
         with the durable counters and the metrics' tally of what happened."""
-        received = clock.now()
         sent_at = top.get("sentAt")
+        receipt = Receipt(clock.now(), sent_at)
         ctx = RuleContext(state=self.state, route=route.path)
         pipeline = self.pipeline
         entries: list[Entry] = []
@@ -163,7 +164,7 @@ class Ingest:
             kind = message["type"]
             types[kind] = types.get(kind, 0) + 1
             ip = remote if protocol.wants_ip(message, route) else None
-            protocol.stamp(message, item.get("sentAt", sent_at), received, ip)
+            receipt.stamp(message, item.get("sentAt", sent_at), ip)
             final = pipeline.start(message, ctx)
             if not isinstance(final, dict):  # a rule changed or dropped it, or had to wait
                 outcome = final if isinstance(final, Outcome) else await final

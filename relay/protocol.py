@@ -6,7 +6,6 @@ import base64
 import binascii
 import functools
 import json
-import uuid
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +20,6 @@ Message = dict[str, Any]
 TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
-MAX_MESSAGE_ID = 100
 MAX_WRITE_KEY = 256
 _SHORT = {t[0]: t for t in TYPES}
 
@@ -207,22 +205,6 @@ def _text(value: str) -> str:
     if value.isascii():  # a constant-time test; ASCII has no surrogates to replace
         return value
     return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-def stamp(message: Message, sent_at: Any, received_at: datetime, ip: str | None) -> None:
-    """messageId kept (made when missing), receivedAt set, timestamp corrected for skew."""
-    mid = message.get("messageId")
-    if not isinstance(mid, str) or not mid or len(mid) > MAX_MESSAGE_ID:
-        message["messageId"] = f"relay-{uuid.uuid4()}"
-    message["receivedAt"] = clock.iso(received_at)
-    fixed = clock.corrected(message.get("timestamp"), clock.parse(sent_at), received_at)
-    if fixed is not None:
-        message["timestamp"] = fixed
-    if ip is not None:
-        context = message.get("context")
-        if not isinstance(context, dict):
-            context = message["context"] = {}
-        context.setdefault("ip", ip)
 
 
 def wants_ip(message: Message, route: Route) -> bool:

@@ -10,6 +10,7 @@ from relay import clock, protocol
 from relay.config import Config
 from relay.pipeline import Effect, Outcome, Pipeline, RuleContext
 from relay.protocol import PayloadError, Route
+from relay.receipt import Receipt
 from relay.state import SqliteState
 
 _ABSENT = object()
@@ -56,7 +57,8 @@ async def _one(index: int, item: dict[str, Any], top: dict[str, Any], route: Rou
     if reason is not None:
         head = f"message {index} ({message.get('type')}):"
         return [head, f"  not forwarded: the vendor would drop it ({reason})", ""]
-    protocol.stamp(message, item.get("sentAt", top.get("sentAt")), clock.now(), None)
+    Receipt(clock.now(), top.get("sentAt")).stamp(message, item.get("sentAt", top.get("sentAt")),
+                                                  None)
     head = f"message {index} ({message['type']}, messageId {message['messageId']}):"
     outcome = await pipeline.run(message, ctx, trace=True)
     return [head, *(_effect(e) for e in outcome.effects), *_result(outcome), ""]

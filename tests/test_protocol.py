@@ -10,6 +10,7 @@ import pytest
 
 from relay import clock, protocol
 from relay.protocol import PayloadError, Route
+from relay.receipt import Receipt
 
 RECEIVED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 TRACK = Route("/v1/track", type="track")
@@ -100,10 +101,24 @@ def test_invalid_reasons(message, reason):
 def test_stamp_corrects_clock_skew():
     """A client clock one hour fast moves the timestamp back by that hour (§1.8)."""
     message = {"timestamp": "2026-11-23T13:00:00.000Z", "messageId": "m1"}
-    protocol.stamp(message, "2026-11-23T13:00:05Z", RECEIVED, None)
+    Receipt(RECEIVED, "2026-11-23T13:00:05Z").stamp(message, "2026-11-23T13:00:05Z", None)
     assert message["timestamp"] == "2026-11-23T11:59:55.000Z"
     assert message["receivedAt"] == "2026-11-23T12:00:00.000Z"
     assert message["messageId"] == "m1"
+
+
+def test_stamp_takes_an_items_own_sent_at_over_the_batchs():
+    """A batch item with its own sentAt is corrected by that item's skew; the others by the
+    batch's."""
+    receipt = Receipt(RECEIVED, "2026-11-23T13:00:05Z")  # the batch: a clock an hour fast
+    own = {"timestamp": "2026-11-23T11:00:00.000Z"}
+    receipt.stamp(own, "2026-11-23T11:00:05Z", None)  # this item's clock: an hour slow
+    shared = {"timestamp": "2026-11-23T13:00:00.000Z"}
+    receipt.stamp(shared, "2026-11-23T13:00:05Z", None)
+    unreadable = {"timestamp": "2026-11-23T13:00:00.000Z"}
+    receipt.stamp(unreadable, "soon", None)
+    assert own["timestamp"] == shared["timestamp"] == "2026-11-23T11:59:55.000Z"
+    assert unreadable["timestamp"] == "2026-11-23T13:00:00.000Z"
 
 
 def test_receive_time_is_whole_milliseconds_and_its_text_matches_it():
@@ -123,7 +138,7 @@ def test_receive_time_is_whole_milliseconds_and_its_text_matches_it():
 def test_stamp_fills_missing_fields():
     """No timestamp means the receive time; a missing or over-long messageId is replaced."""
     message: dict = {"messageId": "x" * 101}
-    protocol.stamp(message, None, RECEIVED, "10.0.0.9")
+    Receipt(RECEIVED, None).stamp(message, None, "10.0.0.9")
     assert message["timestamp"] == "2026-11-23T12:00:00.000Z"
     assert message["messageId"].startswith("relay-") and len(message["messageId"]) <= 100
     assert message["context"] == {"ip": "10.0.0.9"}
@@ -132,7 +147,7 @@ def test_stamp_fills_missing_fields():
 def test_stamp_keeps_unparseable_timestamp():
     """A timestamp relay cannot read is forwarded as sent, for the vendor to judge."""
     message = {"timestamp": "yesterday"}
-    protocol.stamp(message, "2026-11-23T13:00:05Z", RECEIVED, None)
+    Receipt(RECEIVED, "2026-11-23T13:00:05Z").stamp(message, "2026-11-23T13:00:05Z", None)
     assert message["timestamp"] == "yesterday"
 
 

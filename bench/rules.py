@@ -50,7 +50,7 @@ async def run(steps: Pipeline, messages: list[dict[str, Any]], state: SqliteStat
     for item in messages:
         message = protocol.message_from(item, (), ROUTE)
         if protocol.invalid_reason(message) is None:
-            Receipt(clock.now(), None).stamp(message, None, None)
+            Receipt(clock.now(), None).stamp(message, item, None)
             outcome = await steps.run(message, ctx)
             if outcome.message is not None:
                 protocol.dumps(outcome.message)

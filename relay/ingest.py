@@ -147,8 +147,7 @@ class Ingest:
     ) -> tuple[list[Entry], dict[str, int], Tally]:
         """Each item validated, stamped and run through the rules; what is left, serialised,
         with the durable counters and the metrics' tally of what happened."""
-        sent_at = top.get("sentAt")
-        receipt = Receipt(clock.now(), sent_at)
+        receipt = Receipt(clock.now(), top.get("sentAt"))
         ctx = RuleContext(state=self.state, route=route.path)
         pipeline = self.pipeline
         entries: list[Entry] = []
@@ -164,7 +163,7 @@ class Ingest:
             kind = message["type"]
             types[kind] = types.get(kind, 0) + 1
             ip = remote if protocol.wants_ip(message, route) else None
-            receipt.stamp(message, item.get("sentAt", sent_at), ip)
+            receipt.stamp(message, item, ip)
             final = pipeline.start(message, ctx)
             if not isinstance(final, dict):  # a rule changed or dropped it, or had to wait
                 outcome = final if isinstance(final, Outcome) else await final

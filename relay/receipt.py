@@ -28,9 +28,10 @@ class Receipt:
         sent = clock.parse(sent_at)
         return None if sent is None else self.received - sent
 
-    def stamp(self, message: dict[str, Any], sent_at: Any, ip: str | None) -> None:
-        """messageId kept (made when missing), receivedAt set, timestamp corrected for the
-        skew of `sent_at` (the item's own, else the envelope's), the caller's `ip` added."""
+    def stamp(self, message: dict[str, Any], item: dict[str, Any], ip: str | None) -> None:
+        """`message`, made of `item` as sent: messageId kept (made when missing), receivedAt
+        set, timestamp corrected for the skew of the item's own sentAt, else the envelope's,
+        and the caller's `ip` added."""
         mid = message.get("messageId")
         if not isinstance(mid, str) or not mid or len(mid) > MAX_MESSAGE_ID:
             message["messageId"] = f"relay-{uuid.uuid4()}"
@@ -39,6 +40,7 @@ class Receipt:
         if timestamp is None:
             message["timestamp"] = self.received_text
         else:
+            sent_at = item.get("sentAt", self.sent_at)
             skew = self.skew if sent_at is self.sent_at else self._skew_of(sent_at)
             fixed = None if skew is None else clock.shifted(timestamp, skew)
             if fixed is not None:

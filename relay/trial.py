@@ -57,8 +57,7 @@ async def _one(index: int, item: dict[str, Any], top: dict[str, Any], route: Rou
     if reason is not None:
         head = f"message {index} ({message.get('type')}):"
         return [head, f"  not forwarded: the vendor would drop it ({reason})", ""]
-    Receipt(clock.now(), top.get("sentAt")).stamp(message, item.get("sentAt", top.get("sentAt")),
-                                                  None)
+    Receipt(clock.now(), top.get("sentAt")).stamp(message, item, None)
     head = f"message {index} ({message['type']}, messageId {message['messageId']}):"
     outcome = await pipeline.run(message, ctx, trace=True)
     return [head, *(_effect(e) for e in outcome.effects), *_result(outcome), ""]

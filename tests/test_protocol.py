@@ -101,7 +101,7 @@ def test_invalid_reasons(message, reason):
 def test_stamp_corrects_clock_skew():
     """A client clock one hour fast moves the timestamp back by that hour (§1.8)."""
     message = {"timestamp": "2026-11-23T13:00:00.000Z", "messageId": "m1"}
-    Receipt(RECEIVED, "2026-11-23T13:00:05Z").stamp(message, "2026-11-23T13:00:05Z", None)
+    Receipt(RECEIVED, "2026-11-23T13:00:05Z").stamp(message, message, None)
     assert message["timestamp"] == "2026-11-23T11:59:55.000Z"
     assert message["receivedAt"] == "2026-11-23T12:00:00.000Z"
     assert message["messageId"] == "m1"
@@ -112,11 +112,11 @@ def test_stamp_takes_an_items_own_sent_at_over_the_batchs():
     batch's."""
     receipt = Receipt(RECEIVED, "2026-11-23T13:00:05Z")  # the batch: a clock an hour fast
     own = {"timestamp": "2026-11-23T11:00:00.000Z"}
-    receipt.stamp(own, "2026-11-23T11:00:05Z", None)  # this item's clock: an hour slow
+    receipt.stamp(own, {"sentAt": "2026-11-23T11:00:05Z"}, None)  # this item: an hour slow
     shared = {"timestamp": "2026-11-23T13:00:00.000Z"}
-    receipt.stamp(shared, "2026-11-23T13:00:05Z", None)
+    receipt.stamp(shared, {}, None)
     unreadable = {"timestamp": "2026-11-23T13:00:00.000Z"}
-    receipt.stamp(unreadable, "soon", None)
+    receipt.stamp(unreadable, {"sentAt": "soon"}, None)
     assert own["timestamp"] == shared["timestamp"] == "2026-11-23T11:59:55.000Z"
     assert unreadable["timestamp"] == "2026-11-23T13:00:00.000Z"
 
@@ -138,7 +138,7 @@ def test_receive_time_is_whole_milliseconds_and_its_text_matches_it():
 def test_stamp_fills_missing_fields():
     """No timestamp means the receive time; a missing or over-long messageId is replaced."""
     message: dict = {"messageId": "x" * 101}
-    Receipt(RECEIVED, None).stamp(message, None, "10.0.0.9")
+    Receipt(RECEIVED, None).stamp(message, message, "10.0.0.9")
     assert message["timestamp"] == "2026-11-23T12:00:00.000Z"
     assert message["messageId"].startswith("relay-") and len(message["messageId"]) <= 100
     assert message["context"] == {"ip": "10.0.0.9"}
@@ -147,7 +147,7 @@ def test_stamp_fills_missing_fields():
 def test_stamp_keeps_unparseable_timestamp():
     """A timestamp relay cannot read is forwarded as sent, for the vendor to judge."""
     message = {"timestamp": "yesterday"}
-    Receipt(RECEIVED, "2026-11-23T13:00:05Z").stamp(message, "2026-11-23T13:00:05Z", None)
+    Receipt(RECEIVED, "2026-11-23T13:00:05Z").stamp(message, message, None)
     assert message["timestamp"] == "yesterday"
 
 

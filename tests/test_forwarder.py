@@ -522,6 +522,34 @@ async def test_backlog_of_full_batches_and_two_keys_goes_out_in_order(
         ("key-A", 5), ("key-A", 5), ("key-B", 5), ("key-B", 5), ("key-A", 5), ("key-A", 5)]
 
 
+async def test_a_batch_is_read_back_exactly_as_stored(upstream, write_config, start_relay, http):
+    """Bodies come back from the outbox exactly as stored and in order: relay's own, bodies with
+    characters beyond ASCII, and one holding a NUL (SQLite's length() stops at it, so that read
+    falls back to quoting every body)."""
+    path = write_config([seg(upstream)])
+    async with start_relay(path) as relay:
+        await upstream.stop()
+        await send(http, relay, tracks("u", 3))
+        odd = ['{"event":"caf\u00e9 \u2615 \U0001d11e"}', '{"event":"a\x00b"}', '{"n":1}']
+        with contextlib.closing(sqlite3.connect(db(relay), isolation_level=None)) as conn:
+            for body in odd:
+                conn.execute("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
+                             " VALUES ('seg', ?, 'u:x', ?, 1.5)", (KEY, body))
+            stored = conn.execute("SELECT id, body FROM outbox ORDER BY id").fetchall()
+        outbox = relay.relay.outbox
+        for holds_nul in (True, False):
+            batch = await outbox.next_batch("seg", 500, 500_000, by_key=True)
+            assert [(p.id, p.body) for p in batch] == stored
+            assert [p.write_key for p in batch] == [KEY] * 6
+            assert batch[-1].enqueued_at == 1.5 and batch[-1].user_key == "u:x"
+            after = await outbox.next_batch("seg", 500, 500_000, by_key=True, after=batch[1].id)
+            assert [(p.id, p.body) for p in after] == stored[2:]
+            if holds_nul:
+                with contextlib.closing(sqlite3.connect(db(relay), isolation_level=None)) as conn:
+                    conn.execute("UPDATE outbox SET body = '{}' WHERE id = ?", (stored[4][0],))
+                    stored = conn.execute("SELECT id, body FROM outbox ORDER BY id").fetchall()
+
+
 async def test_a_delete_that_fails_after_delivery_loses_nothing(
     upstream, write_config, start_relay, http
 ):

@@ -26,6 +26,10 @@ LINGER_SECONDS = 0.05
 STORAGE_RETRY_SECONDS = 1.0
 FAILURE_LOG_SECONDS = 60.0  # while an upstream keeps failing, one line a minute is enough
 ANSWER_SNIPPET = 500
+# Deletes of delivered batches left to commit while the next batch is sent. With one, each batch
+# waited for the last one's delete (and now and then a WAL checkpoint) before its own could start:
+# two let the forwarder go on meanwhile, and a crash sends at most three batches again.
+ACKS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Forwarder:
         self._deadline: float | None = None
         self._stop = asyncio.Event()
         self._ahead: asyncio.Task[list[Pending]] | None = None  # the next batch, read ahead
-        self._acking: asyncio.Task[None] | None = None  # the last delivered batch's delete
+        self._acking: list[asyncio.Task[None]] = []  # delivered batches' deletes, oldest first
 
     def stop(self, grace_seconds: float) -> None:
         """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
@@ -153,8 +157,9 @@ class Forwarder:
         self.metrics.deliveries.labels(self.upstream.name, str(answer.status or "error")).inc()
         self.metrics.batch_messages.observe(len(batch))
         if 200 <= answer.status < 300:
-            await self._acked()
-            self._acking = asyncio.create_task(self.outbox.ack(batch))
+            if len(self._acking) >= ACKS_IN_FLIGHT:
+                await self._acking.pop(0)
+            self._acking.append(asyncio.create_task(self.outbox.ack(batch)))
             self._recovered()
             return None
         if answer.status in (400, 413):
@@ -183,12 +188,17 @@ class Forwarder:
             return Answer(0, f"{type(exc).__name__}: {exc}"[:ANSWER_SNIPPET])
 
     async def _acked(self) -> None:
-        """Waits for the delete of the last delivered batch, which commits while the next batch
-        is on its way (the two used to take turns); raises what it failed with. Its messages are
-        then still stored and are sent again: the vendor deduplicates on messageId."""
-        acking, self._acking = self._acking, None
-        if acking is not None:
-            await acking
+        """Waits for the deletes of delivered batches, which commit while the next batches are
+        on their way; raises the first failure, once all have ended. Those messages are then
+        still stored and are sent again: the vendor deduplicates on messageId."""
+        failure: BaseException | None = None
+        while self._acking:
+            try:
+                await self._acking.pop(0)
+            except (StorageError, sqlite3.Error) as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def _bisect(self, batch: list[Pending], answer: Answer) -> float | None:
         """A refused batch split in halves until the message the upstream rejects stands alone."""

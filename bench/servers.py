@@ -4,8 +4,8 @@
     python -m bench.servers parse --port P
     python -m bench.servers passthrough --port P --upstream http://127.0.0.1:V
 
-`vendor` is a fake analytics vendor: it parses every POST (with orjson: with `json` its parse
-was a third of a backlog drain's chain of steps), answers 200, and, for the tags it
+`vendor` is a fake analytics vendor: it parses every POST (with orjson: with `json.loads` the vendor
+took ~6 of the ~13 ms each batch of 500 spent in a backlog drain), answers 200, and, for the tags it
 was told to watch (`POST /watch?tag=T`; a messageId's tag is the part before its first `-`),
 remembers each messageId (of a batch's items, or of a single call) and when it first arrived.
 Traffic of other tags (the baselines') is only counted, so the vendor costs them as little as

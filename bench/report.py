@@ -50,6 +50,16 @@ def machine() -> list[tuple[str, str]]:
             ("system", f"{platform.system()} {platform.release()}")]
 
 
+def busy_before(load_before: str) -> str:
+    """What the load average before the run says about the machine."""
+    try:
+        busy = float(load_before) > BUSY_LOAD
+    except ValueError:
+        return "unknown"
+    return ("something else was using the machine" if busy
+            else f"nothing else was using the machine: at most {BUSY_LOAD}")
+
+
 def load() -> str:
     """The 1-minute load average."""
     try:
@@ -188,6 +198,7 @@ def _details(figure: Figure) -> list[str]:
 
 # What the profiles show is in the way of the targets missed: kept by hand beside the harness,
 # as it is a reading of py-spy output, not a figure the run can measure.
+BUSY_LOAD = 0.5  # the 1-minute load average before a run above which others used the machine
 PROFILE = Path(__file__).resolve().parent / "profile.md"
 
 

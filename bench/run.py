@@ -117,8 +117,8 @@ def write(figures: dict[str, Figure], bench: Bench, plan: Plan, *, out: Path | N
         "run": [("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
                 ("command", "python bench/run.py " + " ".join(sys.argv[1:])),
                 ("took", f"{time.monotonic() - started:.0f} s"),
-                ("load average (1 min) before and after", f"{load_before}, {report.load()}"
-                 " (above ~0.5 before: something else was using the machine)"),
+                ("load average (1 min) before and after",
+                 f"{load_before}, {report.load()} ({report.busy_before(load_before)})"),
                 ("CPU time stolen by the host during the run", report.stolen(ticks_before)
                  + " (a virtual machine's share taken by others; latency suffers first)")],
         "machine": report.machine(),

@@ -4,10 +4,10 @@ every message of the request is stamped with (worked out once per request, not p
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from relay import clock
+from relay import clock, skew
 
 MAX_MESSAGE_ID = 100
 
@@ -22,11 +22,7 @@ class Receipt:
         self.received = received
         self.received_text = clock.iso(received)
         self.sent_at = sent_at
-        self.skew = self._skew_of(sent_at)
-
-    def _skew_of(self, sent_at: Any) -> timedelta | None:
-        sent = clock.parse(sent_at)
-        return None if sent is None else self.received - sent
+        self.skew = skew.of(received, sent_at)
 
     def stamp(self, message: dict[str, Any], item: dict[str, Any], ip: str | None) -> None:
         """`message`, made of `item` as sent: messageId kept (made when missing), receivedAt
@@ -41,8 +37,8 @@ class Receipt:
             message["timestamp"] = self.received_text
         else:
             sent_at = item.get("sentAt", self.sent_at)
-            skew = self.skew if sent_at is self.sent_at else self._skew_of(sent_at)
-            fixed = None if skew is None else clock.shifted(timestamp, skew)
+            own = self.skew if sent_at is self.sent_at else skew.of(self.received, sent_at)
+            fixed = None if own is None else own.shift(timestamp)
             if fixed is not None:
                 message["timestamp"] = fixed
         if ip is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import itertools
 import math
 import time
@@ -20,41 +21,62 @@ from dataclasses import dataclass, field
 import aiohttp
 
 AUTH = "Basic " + base64.b64encode(b"bench-write-key:").decode()
-TS = "2024-05-01T12:00:00.000Z"
 TRACK = ('{{{typed}"userId":"user-{u}","event":"Report Viewed","messageId":"{mid}",'
-         '"timestamp":"' + TS + '","properties":{{"report":"weekly","rows":{n}}},'
-         '"context":{{"library":{{"name":"analytics-python","version":"2.4.0"}}}}}}')
-IDENTIFY = ('{{"type":"identify","userId":"user-{u}","messageId":"{mid}","timestamp":"' + TS
-            + '","traits":{{"email":"user-{u}@customer.example","created_at":"2024-01-01"}}}}')
-GROUP = ('{{"type":"group","userId":"user-{u}","messageId":"{mid}","timestamp":"' + TS
-         + '","groupId":"company-{g}"}}')
+         '"timestamp":"{ts}","properties":{{"report":"weekly","rows":{n}}},'
+         '"context":{{"library":{{"name":"analytics-python","version":"2.4.0"}}}}{sent}}}')
+IDENTIFY = ('{{"type":"identify","userId":"user-{u}","messageId":"{mid}","timestamp":"{ts}",'
+            '"traits":{{"email":"user-{u}@customer.example","created_at":"2024-01-01"}}}}')
+GROUP = ('{{"type":"group","userId":"user-{u}","messageId":"{mid}","timestamp":"{ts}",'
+         '"groupId":"company-{g}"}}')
 USERS = 5000
 
 
-def message(n: int, mid: str, typed: bool) -> str:
+@functools.lru_cache(maxsize=128)
+def _second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def stamp(seconds: int, ms: int) -> str:
+    """A time as the SDKs write it: UTC, to the millisecond, with `Z`."""
+    return f"{_second(seconds)}.{ms:03d}Z"
+
+
+def event_time(n: int, now: int) -> str:
+    """When message `n` happened: in the minute before `now`, to the millisecond, each message
+    a time of its own, as SDKs send them (one shared time would hide the cost of correcting
+    each for the client's clock skew)."""
+    return stamp(now - 1 - n % 60, n % 1000)
+
+
+def message(n: int, mid: str, typed: bool, now: int) -> str:
     """Message number `n` of the B2B mix: mostly tracks, some identifies and group calls, all
-    from customers (no rule drops any of them)."""
-    u = n % USERS
+    from customers (no rule drops any of them). A single call (`typed` False) carries its own
+    `sentAt`, as analytics.js sends one."""
+    u, ts = n % USERS, event_time(n, now)
     if typed and n % 50 == 0:
-        return IDENTIFY.format(u=u, mid=mid)
+        return IDENTIFY.format(u=u, mid=mid, ts=ts)
     if typed and n % 20 == 0:
-        return GROUP.format(u=u, mid=mid, g=n % 7)
-    return TRACK.format(typed='"type":"track",' if typed else "", u=u, mid=mid, n=n)
+        return GROUP.format(u=u, mid=mid, g=n % 7, ts=ts)
+    sent = "" if typed else f',"sentAt":"{stamp(now, 0)}"'
+    return TRACK.format(typed='"type":"track",' if typed else "", u=u, mid=mid, n=n, ts=ts,
+                        sent=sent)
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What each request carries: one /v1/track call, or a /v1/batch of `per_request` items."""
+    """What each request carries: one /v1/track call, or a /v1/batch of `per_request` items
+    with the batch's `sentAt`, as the SDKs send them."""
 
     path: str
     per_request: int
 
     def body(self, tag: str, request: int) -> bytes:
+        now = int(time.time())
         if self.path == "/v1/track":
-            return message(request, f"{tag}-{request}-0", False).encode()
-        items = ",".join(message(request * self.per_request + i, f"{tag}-{request}-{i}", True)
-                         for i in range(self.per_request))
-        return ('{"batch":[' + items + "]}").encode()
+            return message(request, f"{tag}-{request}-0", False, now).encode()
+        items = ",".join(message(request * self.per_request + i, f"{tag}-{request}-{i}", True,
+                                 now) for i in range(self.per_request))
+        return ('{"batch":[' + items + f'],"sentAt":"{stamp(now, 0)}"}}').encode()
 
 
 TRACK_SHAPE = Shape("/v1/track", 1)

@@ -89,7 +89,9 @@ def setup_lines(bench: Bench, plan: Plan) -> list[tuple[str, str]]:
                       f" {plan.outage_seconds:.0f} s; backlog of {plan.backlog:,}, filled by load"
                       f" for at most {plan.fill_seconds:.0f} s"),
         ("messages", "a B2B mix: tracks, 1 in 20 a group call, 1 in 50 an identify with an"
-                     " email; 5,000 users; none dropped by the rules; unique messageIds"),
+                     " email; 5,000 users; none dropped by the rules; unique messageIds; as"
+                     " SDKs send them, a sentAt (per batch, or per single call) and each"
+                     " message a timestamp of its own, to the millisecond"),
     ]
 
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from bench.loads import AUTH, TS, USERS, RunResult, Shape
+from bench.loads import AUTH, USERS, RunResult, Shape
 from bench.services import Procs, apt_install
 
 THREADS = 2
@@ -39,22 +39,39 @@ function init(args)
 end
 
 local TRACK = '{%s"userId":"user-%d","event":"Report Viewed","messageId":"%s",'
-  .. '"timestamp":"@TS@","properties":{"report":"weekly","rows":%d},'
-  .. '"context":{"library":{"name":"analytics-python","version":"2.4.0"}}}'
-local IDENTIFY = '{"type":"identify","userId":"user-%d","messageId":"%s","timestamp":"@TS@",'
+  .. '"timestamp":"%s","properties":{"report":"weekly","rows":%d},'
+  .. '"context":{"library":{"name":"analytics-python","version":"2.4.0"}}%s}'
+local IDENTIFY = '{"type":"identify","userId":"user-%d","messageId":"%s","timestamp":"%s",'
   .. '"traits":{"email":"user-%d@customer.example","created_at":"2024-01-01"}}'
-local GROUP = '{"type":"group","userId":"user-%d","messageId":"%s","timestamp":"@TS@",'
+local GROUP = '{"type":"group","userId":"user-%d","messageId":"%s","timestamp":"%s",'
   .. '"groupId":"company-%d"}'
+
+-- Times as the SDKs write them (UTC, milliseconds, Z): the batch's sentAt is now, and each
+-- message's timestamp its own, in the minute before (as bench/loads.py makes them). The
+-- seconds' text is made once per second, not per message.
+local second, seconds = -1, {}
+local function clock()
+  local now = os.time()
+  if now ~= second then
+    second = now
+    for back = 0, 60 do seconds[back] = os.date("!%Y-%m-%dT%H:%M:%S", now - back) end
+  end
+end
+local function event_time(n)
+  return string.format("%s.%03dZ", seconds[1 + n % 60], n % 1000)
+end
 
 local function message(n, id, typed)
   local u = n % @USERS@
-  if typed and n % 50 == 0 then return string.format(IDENTIFY, u, id, u) end
-  if typed and n % 20 == 0 then return string.format(GROUP, u, id, n % 7) end
-  return string.format(TRACK, typed and '"type":"track",' or '', u, id, n)
+  if typed and n % 50 == 0 then return string.format(IDENTIFY, u, id, event_time(n), u) end
+  if typed and n % 20 == 0 then return string.format(GROUP, u, id, event_time(n), n % 7) end
+  local sent = typed and "" or string.format(',"sentAt":"%s.000Z"', seconds[0])
+  return string.format(TRACK, typed and '"type":"track",' or '', u, id, event_time(n), n, sent)
 end
 
 function request()
   counter = counter + 1
+  clock()
   local prefix = tag .. "-w" .. tid .. "x" .. counter .. "-"
   local n = counter * 7919 + tid
   if per == 1 and path == "/v1/track" then
@@ -62,7 +79,8 @@ function request()
   end
   local parts = {}
   for i = 1, per do parts[i] = message(n * per + i, prefix .. (i - 1), true) end
-  return wrk.format("POST", path, nil, '{"batch":[' .. table.concat(parts, ",") .. ']}')
+  return wrk.format("POST", path, nil, '{"batch":[' .. table.concat(parts, ",")
+    .. '],"sentAt":"' .. seconds[0] .. '.000Z"}')
 end
 
 function response(status, headers, body)
@@ -108,7 +126,7 @@ def binary(install: bool) -> str | None:
 
 def script(workdir: Path, paced: bool = False) -> Path:
     path = workdir / ("bench-paced.lua" if paced else "bench.lua")
-    text = SCRIPT.replace("@AUTH@", AUTH).replace("@TS@", TS).replace("@USERS@", str(USERS))
+    text = SCRIPT.replace("@AUTH@", AUTH).replace("@USERS@", str(USERS))
     path.write_text(text + (PACED if paced else ""))
     return path
 

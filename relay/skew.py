@@ -21,7 +21,7 @@ from relay import clock
 _MICROSECOND = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1)
 _WHOLE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\Z")
-_REMEMBERED = 4096  # whole seconds each cache holds before it starts over
+_REMEMBERED = 1024  # whole seconds each cache holds before it starts over (~0.3 MB at most)
 # The shapes SDKs send, by length: the suffix, and how many digits follow the seconds' point.
 _SHAPES = {20: ("Z", 0), 25: ("+00:00", 0), 24: ("Z", 3), 29: ("+00:00", 3), 27: ("Z", 6),
            32: ("+00:00", 6)}

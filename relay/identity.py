@@ -54,7 +54,10 @@ def event_time(message: Message) -> str:
     for key in ("timestamp", "receivedAt"):
         moment = clock.parse(message.get(key))
         if moment is not None:
-            return clock.iso(moment)
+            try:
+                return clock.iso(moment)
+            except OverflowError:  # readable, but before year 1 once in UTC (0001-01-01T00+05)
+                continue
     return clock.iso(clock.now())
 
 

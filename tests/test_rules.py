@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relay import config
+from relay import config, identity
 from relay.pipeline import Drop, Outcome, Pipeline, RuleContext
 from relay.state import SqliteState
 
@@ -640,3 +640,12 @@ async def test_verdict_reaches_anonymous_id_linked_before_restart(tmp_path: Path
         assert (await run(cfg, second, ANON_TRACK)).reason == "internal_user"
     finally:
         await second.close()
+
+
+def test_event_time_past_datetimes_years_in_utc_falls_back_to_received_at() -> None:
+    """A timestamp that reads as a time but lies before year 1 once put in UTC gives way to
+    receivedAt as the event time, instead of failing the rule that asked for it."""
+    message = {"timestamp": "0001-01-01T00:00:00+05:00", "receivedAt": "2026-12-07T03:00:00.000Z"}
+    assert identity.event_time(message) == "2026-12-07T03:00:00.000Z"
+    assert identity.event_time({"timestamp": "2026-12-07T03:00:00+01:00"}) == (
+        "2026-12-07T02:00:00.000Z")

@@ -6,7 +6,7 @@ import functools
 import re
 from typing import Any
 
-from relay import clock
+from relay import clock, skew
 from relay.state import anon_ref, user_ref
 
 Message = dict[str, Any]
@@ -50,14 +50,13 @@ def primary_ref(message: Message) -> str | None:
 
 
 def event_time(message: Message) -> str:
-    """When the event happened (its timestamp, else when relay received it), as ISO-8601 UTC."""
+    """When the event happened (its timestamp, else when relay received it), as ISO-8601 UTC to
+    the millisecond. Read by `relay.skew`'s integer path, shifted by nothing: a timestamp of its
+    own on every message misses any cache, and `datetime` took ~3 µs a group call."""
     for key in ("timestamp", "receivedAt"):
-        moment = clock.parse(message.get(key))
-        if moment is not None:
-            try:
-                return clock.iso(moment)
-            except OverflowError:  # readable, but before year 1 once in UTC (0001-01-01T00+05)
-                continue
+        text = skew.NONE.shift(message.get(key))
+        if text is not None:  # None too for a time before year 1 once in UTC (0001-01-01T00+05)
+            return text
     return clock.iso(clock.now())
 
 

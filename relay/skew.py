@@ -114,6 +114,9 @@ def _text_of(seconds: int) -> str | None:
     return whole
 
 
+NONE = Skew(timedelta(0))  # shifts a time by nothing: its text in UTC, to the millisecond
+
+
 def of(received: datetime, sent_at: Any) -> Skew | None:
     """The skew of a request received at `received` whose client said `sent_at`, or None when
     `sent_at` is no time."""

@@ -649,3 +649,7 @@ def test_event_time_past_datetimes_years_in_utc_falls_back_to_received_at() -> N
     assert identity.event_time(message) == "2026-12-07T03:00:00.000Z"
     assert identity.event_time({"timestamp": "2026-12-07T03:00:00+01:00"}) == (
         "2026-12-07T02:00:00.000Z")
+    assert identity.event_time({"timestamp": "2026-12-07T03:00:00.123456+00:00"}) == (
+        "2026-12-07T03:00:00.123Z")
+    assert identity.event_time({"timestamp": "soon", "receivedAt": "2026-12-07T03:00:00Z"}) == (
+        "2026-12-07T03:00:00.000Z")

@@ -35,6 +35,8 @@ def written(moment: datetime, fraction: str, suffix: str, separator: str = "T") 
 @example(datetime(1, 1, 1, 0, 0, 0, 0), "ms", "Z", timedelta(microseconds=-1), "T")
 @example(datetime(1969, 12, 31, 23, 59, 59, 999999), "us", "+00:00", timedelta(0), "T")
 @example(datetime(2024, 2, 29, 23, 59, 59, 999500), "us", "Z", timedelta(microseconds=500), "T")
+@example(datetime(2026, 12, 7, 4, 0, 0, 123456), "us", "+02:00", timedelta(0), "T")
+@example(datetime(1, 1, 1, 0, 0, 0, 0), "none", "+05:00", timedelta(0), "T")
 def test_fast_path_matches_the_reference(moment, fraction, suffix, delta, separator):
     """For any time an SDK may write (and near misses of that shape), and any skew, `Skew.shift`
     gives what `clock.shifted` gives: the same text, or None for both."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
 ALLOW_HEADERS = "Content-Type, Authorization, X-Retry-Count"
 ALLOW_METHODS = "POST, OPTIONS"
 _ANY = (("Access-Control-Allow-Origin", "*"),)
+# What an Origin header must be, byte for byte, before relay echoes it: `normalized` alone is
+# too kind for that (str.strip() also strips U+3000 and U+2028, which cannot go in a header).
+_SHAPE = re.compile(r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?",
+                    re.ASCII | re.IGNORECASE)
 
 
 def invalid(origins: Iterable[str]) -> str | None:
@@ -67,7 +72,7 @@ class Cors:
         differs by Origin: a shared cache must not give one origin's to another)."""
         if self.any:
             return _ANY
-        if origin is not None and normalized(origin) in self.origins:
+        if origin is not None and _SHAPE.fullmatch(origin) and normalized(origin) in self.origins:
             return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
         return (("Vary", "Origin"),)
 

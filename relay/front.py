@@ -16,10 +16,10 @@ from typing import cast
 
 import httptools
 
-from relay.door import Door, Handover, Refusal
+from relay.door import Call, Door, Handover, Refusal
 from relay.ingest import Answer
-from relay.intake import Intake
-from relay.response_head import CONTINUE, head
+from relay.intake import PIECE, Intake
+from relay.response_head import CONTINUE, FAILED, head
 
 log = logging.getLogger("relay.front")
 
@@ -60,8 +60,23 @@ class Front(Intake, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.handed is not None:
-            self.handed.data_received(data)
+            _pass_on(self.handed, data)
             return
+        if len(data) <= PIECE:
+            self._feed(data)
+        else:
+            for start in range(0, len(data), PIECE):
+                if self.stopped:
+                    self._feed(data[start:])  # kept for aiohttp, or dropped: not parsed
+                    break
+                self._feed(data[start:start + PIECE])
+        if self.queue and self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        self._flow()
+
+    def _feed(self, data: bytes) -> None:
+        """Parses one piece of the stream (or keeps it for aiohttp, or drops it, once parsing
+        has stopped), counting it against the current request's limits."""
         if self.stopped:
             if self.raw is not None:
                 self.raw.append(data)  # for aiohttp, once the answers before it are out
@@ -71,6 +86,7 @@ class Front(Intake, asyncio.Protocol):
         self.chunk, self.begun, self.fresh = data, 0, self.between
         if self.raw is not None:
             self.raw.append(data)
+        was_body = self.in_body
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -79,11 +95,9 @@ class Front(Intake, asyncio.Protocol):
                 self._refusal(500, "internal_error", "relay could not handle this request")
         except httptools.HttpParserError as exc:
             self._refusal(400, "invalid_http", f"cannot parse the request: {exc}")
-        if self.route is not None and not self.in_body:
-            self.in_body, self.since = True, time.monotonic()
-        if self.queue and self.worker is None:
-            self.worker = asyncio.get_running_loop().create_task(self._work())
-        self._flow()
+        self.counted(len(data))
+        if self.in_body and not was_body:
+            self.since = time.monotonic()
 
     def eof_received(self) -> bool | None:
         if self.handed is not None:
@@ -107,10 +121,12 @@ class Front(Intake, asyncio.Protocol):
         self._flow()
 
     def _flow(self) -> None:
-        """Reads only while fewer than MAX_QUEUED requests wait for their answers and the client
-        takes the answers it is sent: one that pipelines without reading must not grow relay's
-        buffers without bound."""
-        wanted = bool(self.lingering) or (len(self.queue) < MAX_QUEUED and not self.blocked)
+        """Reads only while fewer than MAX_QUEUED requests wait for their answers, the client
+        takes the answers it is sent and no handover waits for them: one that pipelines without
+        reading, or sends on behind a request for aiohttp, must not grow relay's buffers."""
+        handover = self.stopped and self.raw is not None
+        wanted = bool(self.lingering) or (
+            len(self.queue) < MAX_QUEUED and not self.blocked and not handover)
         if self.transport is None or wanted == self.reading or self.handed is not None:
             return
         self.reading = wanted
@@ -128,8 +144,12 @@ class Front(Intake, asyncio.Protocol):
             self.handed.connection_lost(exc)
         # A worker still storing a request keeps going: the message is committed either way.
 
+    # Answering, in order
+
     async def _work(self) -> None:
-        """Answers the queued work in order; the connection's only task while it has work."""
+        """Answers the queued work in order; the connection's only task while it has work. A
+        fault of relay's own while answering one request is answered 500 and logged once; the
+        connection then closes, and no request of it stays counted in flight."""
         try:
             while self.queue:
                 item = self.queue[0]
@@ -140,19 +160,50 @@ class Front(Intake, asyncio.Protocol):
                     self._linger(item.answer)
                     return
                 try:
-                    answer = await self.door.answer(item, self.peer)
-                finally:
-                    self.door.leave()
-                self.queue.popleft()
-                self._write(answer, item.keep_alive, item.http10)
+                    self._write(await self._answer(item), item.keep_alive, item.http10)
+                except Exception:
+                    log.exception("front: cannot answer a request from %s; answered 500 and"
+                                  " closed", self.peer)
+                    self._fail()
+                    return
                 if self.expecting and not self.queue:
                     self._continue()
                 self._flow()
         finally:
             self.worker = None
             self.since = time.monotonic()
+            self._release()
             if self.eof and self.transport is not None and self.handed is None:
                 self.transport.close()
+
+    async def _answer(self, call: Call) -> Answer:
+        """The answer to the first queued call, which leaves the queue and the count in flight
+        (whatever happens: a worker cancelled at a stop must not leave it counted)."""
+        try:
+            return await self.door.answer(call, self.peer)
+        finally:
+            self.queue.popleft()
+            self.door.leave()
+
+    def _release(self) -> None:
+        """Once the worker stops, what is left queued is never answered: after a refusal or a
+        handover nothing, after a fault or a cancelled worker the calls behind it. None of them
+        stays counted in flight, and a connection that leaves calls unanswered is closed."""
+        calls = sum(isinstance(item, Call) for item in self.queue)
+        self.queue.clear()
+        for _ in range(calls):
+            self.door.leave()
+        if calls:
+            self._fail()
+
+    def _fail(self) -> None:
+        """Answers 500 (a head that needs no encoding) and closes."""
+        self.stopped = True
+        self._abandon()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(FAILED)
+            transport.close()
 
     def _continue(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -187,32 +238,57 @@ class Front(Intake, asyncio.Protocol):
         transport, raw = self.transport, self.raw
         assert transport is not None and raw is not None
         self.handed = self.door.fallback()
+        self.queue.clear()
         if not self.reading:
             transport.resume_reading()  # aiohttp's own flow control takes over
         self.handed.connection_made(transport)
         self.raw = None
-        self.handed.data_received(b"".join(raw))
+        for data in raw:
+            _pass_on(self.handed, data)
+
+    # Timeouts
 
     def sweep(self, now: float) -> None:
         """Called about four times a second: closes a connection whose request head (or next
         request, after an answer) takes over header_seconds, or whose body takes over
-        body_seconds (408)."""
-        if self.lingering and self.transport is not None:
+        body_seconds (408), whatever its queue holds; while relay answers (a worker runs), the
+        client's clock starts again once the answers are out."""
+        transport = self.transport
+        if self.handed is not None or transport is None or transport.is_closing():
+            return
+        if self.lingering:
             if now - self.since > LINGER_IDLE or now - self.lingering > LINGER_MOST:
-                self.transport.close()
+                transport.close()
             return
-        if self.handed is not None or self.worker is not None or self.queue or self.stopped:
+        if self.worker is not None:
             return
-        if self.in_body:
+        if self.queue:  # work that no worker answers: never left so, but never kept open either
+            log.error("front: a connection from %s had work and no worker; closed", self.peer)
+            self._fail()
+            self._release()
+            return
+        if self.stopped:
+            transport.close()
+        elif self.in_body:
             if now - self.since > self.door.body_seconds:
                 self._refusal(408, "body_timeout",
                               f"body not read within {self.door.body_seconds:g}s")
                 self.worker = asyncio.get_running_loop().create_task(self._work())
-        elif now - self.since > self.door.header_seconds and self.transport is not None:
+        elif now - self.since > self.door.header_seconds:
             self.stopped = True
-            self.transport.close()
+            transport.close()
 
     def close(self) -> None:
         """Closes the connection unless aiohttp owns it or an answer is on its way."""
         if self.handed is None and self.worker is None and self.transport is not None:
             self.transport.close()
+
+
+def _pass_on(handed: asyncio.Protocol, data: bytes) -> None:
+    """Gives aiohttp `data` in pieces of at most PIECE bytes, as a transport would: what it
+    echoes of a request it cannot parse is bounded by what it was given at once."""
+    if len(data) <= PIECE:
+        handed.data_received(data)
+        return
+    for start in range(0, len(data), PIECE):
+        handed.data_received(data[start:start + PIECE])

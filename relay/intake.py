@@ -18,6 +18,20 @@ from relay.protocol import Route
 MAX_URL = 8 * 1024
 MAX_HEAD = 32 * 1024
 MAX_HEADERS = 100
+# llhttp is fed at most this much at a time, so that what the limits below count is never off by
+# more than one piece (and aiohttp, after a handover, is given pieces no bigger).
+PIECE = 64 * 1024
+# httptools gathers a header's value until it ends before passing it on, so MAX_HEAD alone would
+# let one endless value grow in memory: the bytes a head takes on the wire are bounded too.
+MAX_HEAD_WIRE = MAX_URL + MAX_HEAD + PIECE + 4 * 1024
+# A body's bytes on the wire: the body itself, its chunks' framing and extensions (which llhttp
+# skips without a callback), and at most one piece of what follows it.
+MAX_BODY_WIRE = protocol.MAX_REQUEST_BYTES + 2 * PIECE
+# Each chunk costs three calls into Python; a body in 1-byte chunks would cost ~20,000 times a
+# plain body's CPU. Beyond FREE_CHUNKS, chunks must carry MIN_CHUNK bytes each on average.
+FREE_CHUNKS = 16
+MIN_CHUNK = 256
+VERSIONS = ("1.0", "1.1")
 
 
 class Fatal(Exception):
@@ -39,15 +53,18 @@ class Intake:
         self.expecting = False  # a 100 Continue is owed once the answers before it are out
         self.begun = 0  # requests begun within the current chunk
         self.in_body = False
+        self.wire = 0  # bytes fed since the current request's head (or body) began
         self._reset()
 
     def _reset(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
+        self.headed = False  # its head is complete: any further field is a trailer's
         self.route: Route | None = None
         self.body: list[bytes] = []
         self.size = 0
+        self.chunks = 0
 
     def _continue(self) -> None:
         """Sends the 100 Continue owed (the answering side knows the transport)."""
@@ -61,6 +78,7 @@ class Intake:
         # (not when the chunk also ends the request before it).
         self.raw = [self.chunk] if self.begun == 1 and self.fresh else None
         self.between = False
+        self.wire = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -68,13 +86,19 @@ class Intake:
             self._refuse(414, "uri_too_long", f"the request target is over {MAX_URL} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
         self.head_size += len(name) + len(value)
+        if not self.headed:  # a chunked body's trailer is ignored, as aiohttp ignores it
+            self.headers.append((name, value))
         if self.head_size > MAX_HEAD or len(self.headers) > MAX_HEADERS:
             self._refuse(431, "headers_too_large",
                          f"request headers are over {MAX_HEAD} bytes or {MAX_HEADERS} fields")
 
     def on_headers_complete(self) -> None:
+        self.headed = True
+        version = self.parser.get_http_version()
+        if version not in VERSIONS:
+            self._refuse(505, "http_version_not_supported",
+                         f"HTTP/{version[:8]} is not supported; send HTTP/1.1")
         route = None
         if self.parser.get_method() == b"POST":
             route = self.door.routes.get(self.url.partition(b"?")[0])
@@ -88,10 +112,17 @@ class Intake:
             self._refuse(413, "request_too_large",
                          f"request body is over {protocol.MAX_REQUEST_BYTES} bytes")
         expect = self._header(b"expect")
-        if expect is not None and expect.lower() == "100-continue":
+        if expect is not None and expect.lower() == "100-continue" and version == "1.1":
             self.expecting = True
             if not self.queue:
                 self._continue()
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+        if self.chunks > FREE_CHUNKS + self.size // MIN_CHUNK:
+            self._refuse(400, "invalid_body",
+                         f"the body comes in chunks too small ({self.chunks} for {self.size}"
+                         f" bytes); send it whole, or in chunks of {MIN_CHUNK} bytes or more")
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
@@ -108,6 +139,25 @@ class Intake:
         self.between, self.in_body, self.raw, self.expecting = True, False, None, False
         self.route = None  # its count goes with the Call
         self._reset()
+
+    def counted(self, size: int) -> None:
+        """Counts `size` more bytes fed to the parser against the wire limits of the request
+        being read: its head, else its body."""
+        if self.stopped or self.between:
+            return
+        if self.headed and self.route is not None:
+            if not self.in_body:
+                self.in_body, self.wire = True, 0
+                return  # the piece the body began in: part of it was head
+            self.wire += size
+            if self.wire > MAX_BODY_WIRE:
+                self._refusal(413, "request_too_large",
+                              f"body is over {MAX_BODY_WIRE} bytes with its chunks' framing")
+        elif not self.headed:
+            self.wire += size
+            if self.wire > MAX_HEAD_WIRE:
+                self._refusal(431, "headers_too_large",
+                              f"request head is over {MAX_HEAD_WIRE} bytes")
 
     def _header(self, name: bytes) -> str | None:
         for key, value in self.headers:

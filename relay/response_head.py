@@ -10,8 +10,13 @@ from relay.ingest import Answer
 REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
            408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
            415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
-           500: b"Internal Server Error", 503: b"Service Unavailable"}
+           500: b"Internal Server Error", 503: b"Service Unavailable",
+           505: b"HTTP Version Not Supported"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FAILED_BODY = b'{"code": "internal_error", "message": "relay could not answer this request"}'
+# What a request is answered when answering it failed: made in advance, so it cannot fail too.
+FAILED = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_FAILED_BODY), _FAILED_BODY))
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,7 +19,7 @@ from relay.group_commit import StorageError
 from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox
 from relay.pipeline import Outcome, Pipeline, RuleContext
-from relay.protocol import PayloadError, Route
+from relay.protocol import Message, PayloadError, Route
 from relay.receipt import Receipt
 from relay.state import SqliteState
 
@@ -120,13 +120,8 @@ class Ingest:
         key = protocol.write_key(authorization, top)
         if self.write_keys and key not in self.write_keys:
             raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
-        if len(raw) > protocol.MAX_MESSAGE_BYTES:
-            index = 0 if not route.batch else protocol.oversized(items)
-            if index is not None:
-                raise PayloadError(413, "message_too_large",
-                                   f"message {index} is over {protocol.MAX_MESSAGE_BYTES} bytes")
         try:
-            entries, counts, tally = await self.process(items, top, route, remote)
+            entries, counts, tally = await self.process(items, top, route, remote, len(raw))
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
@@ -143,27 +138,21 @@ class Ingest:
         self.metrics.record(tally)  # only now: a request refused with 503 comes again
 
     async def process(
-        self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None
+        self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None,
+        size: int,
     ) -> tuple[list[Entry], dict[str, int], Tally]:
-        """Each item validated, stamped and run through the rules; what is left, serialised,
-        with the durable counters and the metrics' tally of what happened."""
-        receipt = Receipt(clock.now(), top.get("sentAt"))
+        """Each item validated, stamped and measured, then run through the rules; what is left,
+        serialised, with the durable counters and the metrics' tally of what happened. `size`
+        is the request's (decompressed) size, which bounds what it may store (`protocol.Budget`).
+        """
+        seen = _Seen()
+        budget = protocol.Budget(size)
+        ready = _assembled(items, top, route, remote, budget=budget, seen=seen)
         ctx = RuleContext(state=self.state, route=route.path)
         pipeline = self.pipeline
         entries: list[Entry] = []
-        seen = _Seen()
-        shared = protocol.shared_of(top, route)
-        types = seen.types
-        for item in items:
-            message = protocol.message_from(item, shared, route)
-            reason = protocol.invalid_reason(message)
-            if reason is not None:
-                _add(seen.invalid, reason)
-                continue
-            kind = message["type"]
-            types[kind] = types.get(kind, 0) + 1
-            ip = remote if protocol.wants_ip(message, route) else None
-            receipt.stamp(message, item, ip)
+        budget.used = 0
+        for message, sent in ready:
             final = pipeline.start(message, ctx)
             if not isinstance(final, dict):  # a rule changed or dropped it, or had to wait
                 outcome = final if isinstance(final, Outcome) else await final
@@ -173,9 +162,42 @@ class Ingest:
                     _add(seen.dropped, (str(outcome.dropped_by), str(outcome.reason)))
                     continue
                 final = outcome.message
-            entries.append((protocol.user_key(final), protocol.dumps(final)))
+            body = sent if final is message and sent is not None else protocol.dumps(final)
+            grown = budget.overrun(body)  # only rules can make a message too large here
+            if grown is not None:
+                _add(seen.invalid, grown + "_after_rules")
+                continue
+            entries.append((protocol.user_key(final), body))
         counts, tally = seen.totals()
         return entries, counts, tally
+
+
+def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
+               budget: protocol.Budget, seen: _Seen) -> list[tuple[Message, str | None]]:
+    """Every valid item as the message the client's request makes of it (the batch's shared
+    fields merged in, stamped), with its body as stored when its size must be checked; a
+    PayloadError 413 when one is over the limits, before any rule or state has seen any."""
+    receipt = Receipt(clock.now(), top.get("sentAt"))
+    shared = protocol.shared_of(top, route)
+    budget.check_shared(shared, len(items))
+    measure = budget.measured or bool(shared)
+    ready: list[tuple[Message, str | None]] = []
+    types = seen.types
+    for index, item in enumerate(items):
+        message = protocol.message_from(item, shared, route)
+        reason = protocol.invalid_reason(message)
+        if reason is not None:
+            _add(seen.invalid, reason)
+            continue
+        kind = message["type"]
+        types[kind] = types.get(kind, 0) + 1
+        receipt.stamp(message, item, remote if protocol.wants_ip(message, route) else None)
+        body = None
+        if measure:
+            body = protocol.dumps(message)
+            budget.admit(body, index)
+        ready.append((message, body))
+    return ready
 
 
 class _Seen:

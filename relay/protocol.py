@@ -111,19 +111,6 @@ def _finite(text: str) -> float:
     return value
 
 
-def oversized(items: list[Any]) -> int | None:
-    """The index of the first item over the per-message limit, or None."""
-    for i, item in enumerate(items):
-        try:
-            size = len(orjson.dumps(item))
-        except TypeError:  # lone surrogates, integers past 64 bits
-            text = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
-            size = len(text.encode("utf-8", "surrogatepass"))
-        if size > MAX_MESSAGE_BYTES:
-            return i
-    return None
-
-
 def envelope(payload: Any, route: Route) -> tuple[list[Any], dict[str, Any]]:
     """The raw items of a payload and the request-level fields that apply to all of them."""
     if not isinstance(payload, dict):
@@ -140,6 +127,69 @@ def envelope(payload: Any, route: Route) -> tuple[list[Any], dict[str, Any]]:
 
 
 Shared = tuple[tuple[str, dict[str, Any]], ...]
+
+# What stamping adds to a message at most, as stored: receivedAt, a corrected timestamp, a
+# messageId made for it and context.ip.
+STAMP_BYTES = 256
+# How much larger than it was sent a message can be once stored. Stored JSON is ASCII: a
+# character of 2 to 4 bytes of UTF-8 becomes a 6- or 12-byte escape, and a number such as 1e15
+# (4 bytes) becomes 1000000000000000.0 (18): at most 4.5 times.
+GROWTH = 5
+# A request's messages, once stored (in each upstream's queue), take at most this many times
+# the request's decompressed size, plus STORED_BASE: a batch's shared context is stored with
+# every message, and the rules add to them.
+STORED_MULTIPLE = 16
+STORED_BASE = 64 * 1024
+
+
+class Budget:
+    """What the messages of one request may take once stored: each at most MAX_MESSAGE_BYTES,
+    all together at most STORED_MULTIPLE times the request's size, plus STORED_BASE."""
+
+    __slots__ = ("limit", "measured", "used")
+
+    def __init__(self, size: int) -> None:
+        self.limit = STORED_MULTIPLE * size + STORED_BASE
+        # Whether a message of this request may be over the limit before any rule ran; when
+        # not (most single events), only what the rules make of it is measured.
+        self.measured = GROWTH * size + STAMP_BYTES > MAX_MESSAGE_BYTES
+        self.used = 0
+
+    def check_shared(self, shared: Shared, count: int) -> None:
+        """413 when a batch's shared context and integrations alone, merged into each of its
+        `count` messages, would put one or all of them over the limits."""
+        if not shared:
+            return
+        size = len(dumps(dict(shared)))
+        if size > MAX_MESSAGE_BYTES:
+            raise PayloadError(413, "message_too_large",
+                               f"the batch's context and integrations, which every message"
+                               f" takes, are over {MAX_MESSAGE_BYTES} bytes")
+        if size * count > self.limit:
+            raise PayloadError(413, "request_too_large",
+                               f"the batch's context and integrations, stored with each of its"
+                               f" {count} messages, would take over {self.limit} bytes")
+
+    def admit(self, body: str, index: int) -> None:
+        """Counts the stored `body` of message `index` as sent; 413 past either limit."""
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise PayloadError(413, "message_too_large",
+                               f"message {index} is over {MAX_MESSAGE_BYTES} bytes once stored")
+        self.used += len(body)
+        if self.used > self.limit:
+            raise PayloadError(413, "request_too_large",
+                               f"the request's messages would take over {self.limit} bytes"
+                               f" once stored ({STORED_MULTIPLE}x its size + {STORED_BASE})")
+
+    def overrun(self, body: str) -> str | None:
+        """Counts `body` as the rules left it: None when it fits, else which limit it is over
+        (then it is not counted)."""
+        if len(body) > MAX_MESSAGE_BYTES:
+            return "message_too_large"
+        if self.used + len(body) > self.limit:
+            return "request_too_large"
+        self.used += len(body)
+        return None
 
 
 def shared_of(top: dict[str, Any], route: Route) -> Shared:

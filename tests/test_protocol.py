@@ -7,6 +7,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings, target
+from hypothesis import strategies as st
 
 from relay import clock, protocol
 from relay.protocol import PayloadError, Route
@@ -173,11 +175,69 @@ def test_batch_body_per_kind():
     assert "Authorization" not in protocol.batch_headers("")
 
 
-def test_oversized_finds_the_large_item():
-    """The per-message limit is checked on each item of a batch."""
-    items = [{"a": "x"}, {"a": "x" * protocol.MAX_MESSAGE_BYTES}]
-    assert protocol.oversized(items) == 1
-    assert protocol.oversized(items[:1]) is None
+def test_budget_bounds_each_message_and_the_request_as_stored():
+    """Each stored message is at most 32 KB and a request's all together at most 16x its size
+    plus 64 KB; a batch's shared context counts once for every message it is merged into."""
+    budget = protocol.Budget(1000)
+    assert budget.limit == 16 * 1000 + 64 * 1024
+    with pytest.raises(PayloadError) as refused:
+        budget.admit("x" * (protocol.MAX_MESSAGE_BYTES + 1), 3)
+    assert (refused.value.status, refused.value.code) == (413, "message_too_large")
+    assert "message 3" in refused.value.message
+    budget.admit("x" * protocol.MAX_MESSAGE_BYTES, 0)
+    budget.admit("x" * protocol.MAX_MESSAGE_BYTES, 1)
+    with pytest.raises(PayloadError) as refused:
+        budget.admit("x" * 20_000, 2)
+    assert refused.value.code == "request_too_large"
+    after = protocol.Budget(1000)
+    assert after.overrun("x" * (protocol.MAX_MESSAGE_BYTES + 1)) == "message_too_large"
+    assert after.overrun("x" * 30_000) is None
+    assert after.overrun("x" * 30_000) is None
+    assert after.overrun("x" * 30_000) == "request_too_large"
+    assert after.used == 60_000  # what was not stored is not counted
+    shared = (("context", {"pad": "A" * 250_000}),)
+    with pytest.raises(PayloadError) as refused:
+        protocol.Budget(250_500).check_shared(shared, 200)
+    assert refused.value.code == "message_too_large"
+    with pytest.raises(PayloadError) as refused:
+        protocol.Budget(36_000).check_shared((("context", {"pad": "A" * 30_000}),), 200)
+    assert refused.value.code == "request_too_large"
+    protocol.Budget(36_000).check_shared((("context", {"pad": "A" * 1_000}),), 200)
+
+
+ANY_TEXT = st.text(st.characters(codec="utf-8"), max_size=200)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | ANY_TEXT
+    | st.sampled_from([1e15, 9e9, 1e-7, 5e-324, -0.0, 1e300]),
+    lambda inner: st.lists(inner, max_size=30) | st.dictionaries(ANY_TEXT, inner, max_size=30),
+    max_leaves=400).map(lambda value: json.dumps(value, ensure_ascii=False))
+# What grows most once stored, as JSON text: numbers written short (1e15 is stored as
+# 1000000000000000.0), characters that become \u escapes.
+SHORT_NUMBERS = st.lists(st.sampled_from(["1e15", "9e9", "1E14", "2e0"]), max_size=1500).map(
+    lambda numbers: "[" + ",".join(numbers) + "]")
+ESCAPED = st.text(alphabet="é\u07ff😀€", max_size=1500).map(
+    lambda text: json.dumps(text, ensure_ascii=False))
+
+
+@settings(max_examples=150, deadline=None)
+@given(properties=JSON | SHORT_NUMBERS | ESCAPED, timestamp=st.one_of(st.none(), ANY_TEXT),
+       message_id=st.one_of(st.none(), ANY_TEXT))
+def test_a_request_too_small_to_measure_cannot_store_an_oversized_message(
+        properties, timestamp, message_id):
+    """What `Budget.measured` takes for granted: a request of n bytes stores a message of at most
+    GROWTH * n + STAMP_BYTES bytes before the rules (stored JSON is ASCII, and stamped)."""
+    fields = {"userId": "u1", "event": "E"}
+    for key, value in (("timestamp", timestamp), ("messageId", message_id)):
+        if value is not None:
+            fields[key] = value
+    sent = (json.dumps(fields, ensure_ascii=False)[:-1] + ',"properties":' + properties
+            + "}").encode()
+    item = protocol.decode(sent)
+    message = protocol.message_from(item, (), TRACK)
+    Receipt(RECEIVED, "2026-11-23T11:59:59.123Z").stamp(message, item, "2001:db8::ffff:1")
+    stored = protocol.dumps(message)
+    target((len(stored) - protocol.STAMP_BYTES) / len(sent))
+    assert len(stored) <= protocol.GROWTH * len(sent) + protocol.STAMP_BYTES
 
 
 def test_routes_cover_the_vendors_paths():

@@ -1,7 +1,12 @@
-"""Log lines: readable by people by default, JSON lines for collectors."""
+"""Log lines: readable by people by default, JSON lines for collectors; each of bounded size.
+
+A line may quote what a client sent (aiohttp puts the bytes it could not parse in its error), and
+a client decides how much that is: every message and traceback line is cut to a bounded length.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -11,29 +16,61 @@ from relay import clock
 
 Format = Literal["human", "json"]
 
+# Characters of one log record's message, of one line of its traceback, and of the traceback.
+MAX_MESSAGE = 2000
+MAX_TRACE_LINE = 1000
+MAX_TRACE = 8000
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters (saying how many were cut) when it is longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit} more characters]"
+
+
+def _capped(record: logging.LogRecord, trace: str | None) -> logging.LogRecord:
+    """A copy of `record` whose message and traceback are bounded."""
+    out = copy.copy(record)
+    out.msg, out.args = bounded(record.getMessage(), MAX_MESSAGE), None
+    if trace is not None:
+        lines = [bounded(line, MAX_TRACE_LINE) for line in trace.splitlines()]
+        out.exc_text = bounded("\n".join(lines), MAX_TRACE)
+    return out
+
+
+class HumanFormatter(logging.Formatter):
+    """`time LEVEL message`, with the traceback (if any) below it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        trace = self.formatException(record.exc_info) if record.exc_info else record.exc_text
+        return super().format(_capped(record, trace))
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message (and the traceback, if any)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        trace = self.formatException(record.exc_info) if record.exc_info else record.exc_text
+        capped = _capped(record, trace)
         line = {
             "time": clock.iso(clock.datetime_of(record.created)),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": capped.msg,
         }
-        if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
+        if capped.exc_text:
+            line["error"] = capped.exc_text
         return json.dumps(line, ensure_ascii=False)
 
 
 def configure(level: str, fmt: Format) -> None:
     """Sends every logger's lines to stderr in `fmt`."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

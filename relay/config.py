@@ -35,8 +35,9 @@ def _check(test: Callable[[Any], bool], message: str) -> dict[str, Any]:
     return {"check": lambda value: None if test(value) else message}
 
 
-def _default(value: Any, test: Callable[[Any], bool], message: str) -> Any:
-    return dataclasses.field(default=value, metadata=_check(test, message))
+def _default(value: Any, test: Callable[[Any], bool], message: str, secret: bool = False) -> Any:
+    metadata = {**_check(test, message), "secret": secret}
+    return dataclasses.field(default=value, metadata=metadata)
 
 
 def _positive(value: float) -> Any:
@@ -58,6 +59,21 @@ def _url_ok(value: str) -> bool:
     return url.scheme in ("http", "https") and bool(url.hostname)
 
 
+def _key_ok(value: str) -> bool:
+    return bool(value.strip()) and value == value.strip()
+
+
+def _keys_wrong(keys: tuple[str, ...]) -> str | None:
+    """The config check of `write_keys`: an empty key would let in requests that carry none."""
+    for i, key in enumerate(keys):
+        if not key.strip():
+            return (f"entry {i} is empty, which would let in requests with no key (if it names"
+                    " a variable, set it, or remove the entry to accept any key)")
+        if not _key_ok(key):
+            return f"entry {i} has a space at one end, which no SDK sends"
+    return None
+
+
 @dataclass(frozen=True)
 class Storage:
     """Where the outbox and user state live."""
@@ -72,10 +88,25 @@ class Storage:
 
 @dataclass(frozen=True)
 class Admin:
-    """The operators' HTTP endpoints, off while `token` is empty."""
+    """The operators' HTTP endpoints: /admin/* off while `token` is empty; /readyz, /metrics and
+    /admin/* on their own address when `listen` is set."""
 
-    token: str = _default("", lambda v: v == "" or len(v) >= 16,
-                          "must be empty (admin endpoints off) or at least 16 characters")
+    token: str = _default("", lambda v: v == "" or (len(v) >= 16 and _key_ok(v)),
+                          "must be empty (admin endpoints off) or at least 16 characters,"
+                          " with no space at either end", secret=True)
+    # Where /readyz, /metrics and /admin/* are served instead of `listen` (which then keeps only
+    # the event routes and /healthz): an address the internet does not reach.
+    listen: str = _default("", lambda v: v == "" or _listen_ok(v),
+                           "must be empty (served at the top-level listen) or host:port, like"
+                           " 127.0.0.1:9090")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
 
 
 @dataclass(frozen=True)
@@ -106,7 +137,9 @@ class Upstream:
     kind: Kind
     url: str = dataclasses.field(metadata=_check(
         _url_ok, "must be an http:// or https:// URL, like https://api.segment.io"))
-    write_key: str = ""
+    write_key: str = _default("", lambda v: v == "" or _key_ok(v),
+                              "must be empty (forward the SDK's key) or a key with no space at"
+                              " either end", secret=True)
     timeout_seconds: float = _positive(10.0)
     # 500, not the vendors' 2,500: measured, a backlog drains about twice as fast (bench/).
     max_batch_messages: int = _default(
@@ -136,7 +169,7 @@ class Config:
         metadata=_check(bool, "must name at least one upstream"))
     listen: str = _default("0.0.0.0:8080", _listen_ok, "must be host:port, like 0.0.0.0:8080")
     storage: Storage = Storage()
-    write_keys: tuple[str, ...] = ()
+    write_keys: tuple[str, ...] = dataclasses.field(default=(), metadata={"check": _keys_wrong})
     shutdown_grace_seconds: float = _default(5.0, lambda v: v >= 0, "must be 0 or more")
     on_rule_error: Literal["pass", "drop"] = "pass"
     admin: Admin = Admin()
@@ -150,6 +183,11 @@ class Config:
     file: str = dataclasses.field(default="", metadata={"yaml": False})
     warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})
 
+    def __post_init__(self) -> None:
+        if self.admin.listen and self.admin.listen == self.listen:
+            raise FieldError("admin", "listen is the top-level listen; give another port, or"
+                                      " leave it empty to serve both there")
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]")
@@ -160,6 +198,7 @@ class Config:
 
 
 EXIT_INVALID = 2  # what a command exits with when its config does not load
+MAX_FILE_BYTES = 1024 * 1024  # the shipped config, every option commented, is ~10 KB
 
 
 def load_or_print(path: str) -> Config | None:
@@ -175,10 +214,19 @@ def load_or_print(path: str) -> Config | None:
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:
     """The config at `path`, or ConfigError listing every problem found."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}:1: (file): cannot read: {exc.strerror or exc}"]) from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError([f"{path}:1: (file): over {MAX_FILE_BYTES} bytes; is it the config?"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ConfigError([f"{path}:{line}: (file): not UTF-8 text: byte 0x{data[exc.start]:02x}"
+                           f" at byte {column} of the line; save the file as UTF-8"]) from None
     return parse(path, text, env)
 
 

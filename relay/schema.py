@@ -36,7 +36,8 @@ def build(cls: type[T], value: Any, path: Path, source: Source, skip: tuple[str,
     Keys named in `skip` are accepted and left for the caller (a rule's `type`, say); fields
     with `metadata={"yaml": False}` are not read from YAML at all, `metadata={"key": "from"}`
     reads a field from a YAML key that is no Python name, and `metadata={"check": f}` runs
-    `f(value)` on a well-typed value: a string it returns is that field's error. Checks run per
+    `f(value)` on a well-typed value: a string it returns is that field's error (which quotes the
+    value unless `metadata={"secret": True}`). Checks run per
     field, so one file reports them all at once; `__post_init__` is for checks across fields.
     """
     if not isinstance(value, dict):
@@ -58,10 +59,13 @@ def build(cls: type[T], value: Any, path: Path, source: Source, skip: tuple[str,
             before = len(source.errors)
             kwargs[spec.name] = convert(hints[spec.name], value[key], (*path, key), source)
             check = spec.metadata.get("check")
-            problem = check(kwargs[spec.name]) if check and len(source.errors) == before else None
+            problem = None
+            if check and len(source.errors) == before and not source.failed_within((*path, key)):
+                problem = check(kwargs[spec.name])
             if problem:
                 shown = kwargs[spec.name]
-                got = f"; got {shown!r}" if isinstance(shown, (str, int, float)) else ""
+                shows = isinstance(shown, (str, int, float)) and not spec.metadata.get("secret")
+                got = f"; got {shown!r}" if shows else ""
                 source.error((*path, key), problem + got)
         elif _default(spec) is _MISSING:
             source.error(path, f"missing required key '{key}'")

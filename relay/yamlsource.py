@@ -23,6 +23,7 @@ class Source:
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
     errors: list[tuple[int, str]] = field(default_factory=list)
+    failed: set[Path] = field(default_factory=set)  # the paths errors were recorded at
 
     def line(self, path: Path) -> int:
         """The line of `path`, or of its nearest ancestor that has one."""
@@ -33,6 +34,11 @@ class Source:
     def error(self, path: Path, message: str) -> None:
         line = self.line(path)
         self.errors.append((line, f"{self.file}:{line}: {dotted(path)}: {message}"))
+        self.failed.add(path)
+
+    def failed_within(self, path: Path) -> bool:
+        """Whether an error was recorded at `path` or inside it (an unset variable, say)."""
+        return any(p[:len(path)] == path for p in self.failed)
 
     def messages(self) -> list[str]:
         """Every error as `file:line: path: message`, in line order."""
@@ -52,29 +58,61 @@ def load(file: str, text: str, env: Mapping[str, str] | None = None) -> Source:
     source = Source(file=file, data=None)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        builder = _Builder(source, os.environ if env is None else env)
+        source.data = {} if node is None else builder.value(node, ())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(exc, "problem", None) or str(exc)
+        source.data = None
         source.errors.append((line, f"{file}:{line}: (yaml): {problem}"))
-        return source
-    builder = _Builder(source, os.environ if env is None else env)
-    source.data = {} if node is None else builder.value(node, ())
+    except _Unbounded as exc:
+        source.data = None
+        source.errors.append((exc.line, f"{file}:{exc.line}: (yaml): {exc}"))
+    except RecursionError:
+        source.data = None
+        source.errors.append((1, f"{file}:1: (yaml): nests too deeply"))
     return source
+
+
+# Values a config may hold once its aliases are expanded: the shipped one holds ~150, and an
+# "alias bomb" of a few hundred bytes would expand to billions.
+MAX_VALUES = 20_000
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Unbounded(Exception):
+    """The document cannot be turned into values: a recursive alias, or too many values."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class _Builder:
     def __init__(self, source: Source, env: Mapping[str, str]) -> None:
         self.source = source
         self.env = env
+        self.values = 0
+        self.inside: set[int] = set()  # the collections being built, by id: a cycle meets one
 
     def value(self, node: yaml.Node, path: Path) -> Any:
-        self.source.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            return self.mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
+        line = node.start_mark.line + 1
+        self.source.lines[path] = line
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _Unbounded(line, f"over {MAX_VALUES} values once its aliases are expanded")
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return self.scalar(node, path)
+        if id(node) in self.inside:
+            raise _Unbounded(line, "an alias refers to a value that holds it (a recursive alias)")
+        self.inside.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, path)
             return [self.value(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self.scalar(node, path)
+        finally:
+            self.inside.discard(id(node))
 
     def mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -92,8 +130,15 @@ class _Builder:
         return out
 
     def scalar(self, node: yaml.Node, path: Path) -> Any:
+        if node.tag == _MERGE:
+            raise _Unbounded(node.start_mark.line + 1, "merge keys (<<) are not supported; write"
+                             " the keys out, or give the shared value an anchor and use it whole")
         constructor = yaml.SafeLoader(stream="")
-        raw = constructor.construct_object(node)
+        try:
+            raw = constructor.construct_object(node)
+        except (ValueError, TypeError) as exc:  # `!!int abc`: a tag its text does not fit
+            self.source.error(path, f"cannot read {node.tag.rpartition(':')[2]} value: {exc}")
+            return None
         if not isinstance(raw, str) or "${" not in raw:
             return raw
         expanded = _ENV.sub(lambda m: self.variable(m, path), raw)

@@ -40,6 +40,7 @@ class Relay:
                              body_seconds=config.limits.body_seconds)
         self.forwarders: list[Forwarder] = []
         self.tasks: list[asyncio.Task[None]] = []
+        self.reloader = Reloader(config.file, config, self.apply) if config.file else None
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: storage and forwarders up before serving, down after."""
@@ -55,9 +56,8 @@ class Relay:
             self.forwarders.append(forwarder)
             self.tasks.append(asyncio.create_task(_supervised(forwarder),
                                                   name=f"forward-{upstream.name}"))
-        if self.config.file:
-            reloader = Reloader(self.config.file, self.config, self.apply)
-            self.tasks.append(asyncio.create_task(reloader.run(), name="reload"))
+        if self.reloader is not None:
+            self.tasks.append(asyncio.create_task(self.reloader.run(), name="reload"))
         self._log_start()
         try:
             yield
@@ -81,6 +81,13 @@ class Relay:
             if queue.messages:
                 log.info("stopped: %d message(s) for %s kept for the next start", queue.messages,
                          queue.upstream)
+
+    def hangup(self) -> None:
+        """SIGHUP: the config file is loaded again (relay started from a file always is)."""
+        if self.reloader is None:
+            log.warning("reload: relay runs without a config file; SIGHUP changes nothing")
+        else:
+            self.reloader.ask()
 
     def apply(self, config: Config) -> None:
         """Takes the rules and write keys of a reloaded config; the next message uses them."""
@@ -142,12 +149,27 @@ def build(config: Config, middlewares: Sequence[Any] = ()) -> web.Application:
     app.cleanup_ctx.append(relay.lifecycle)
     app.add_routes(relay.ingest.routes())
     _add_browser_parts(app, relay)
-    app.add_routes([web.get("/healthz", _healthz), web.get("/readyz", _readyz),
-                    web.get("/metrics", _metrics)])
-    if config.admin.token:
-        app.add_routes([web.get("/admin/report", _admin_report),
-                        web.get("/admin/queue", _admin_queue)])
+    app.add_routes([web.get("/healthz", _healthz)])
+    if not config.admin.listen:
+        app.add_routes(_operations(config))
     return app
+
+
+def build_admin(relay: Relay) -> web.Application:
+    """The Application served at `admin.listen`: health, readiness, metrics and /admin/*, over
+    the running parts of the main one."""
+    app = web.Application()
+    app[RELAY] = relay
+    app.add_routes([web.get("/healthz", _healthz), *_operations(relay.config)])
+    return app
+
+
+def _operations(config: Config) -> list[web.RouteDef]:
+    """What operators ask: readiness, metrics, and /admin/* when there is a token."""
+    routes = [web.get("/readyz", _readyz), web.get("/metrics", _metrics)]
+    if config.admin.token:
+        routes += [web.get("/admin/report", _admin_report), web.get("/admin/queue", _admin_queue)]
+    return routes
 
 
 def _add_browser_parts(app: web.Application, relay: Relay) -> None:

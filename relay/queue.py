@@ -83,11 +83,12 @@ async def stats(config: Config) -> list[QueueStats]:
 
 async def paused(config: Config) -> dict[str, bool] | None:
     """Which upstreams the running relay has paused, from its GET /admin/queue; None when
-    `admin.token` is empty or relay does not answer at `listen`."""
+    `admin.token` is empty or relay does not answer at `admin.listen` (else `listen`)."""
     if not config.admin.token:
         return None
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{config.port}/admin/queue"
+    where = config.admin if config.admin.listen else config
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(where.host, where.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{where.port}/admin/queue"
     auth = {"Authorization": f"Bearer {config.admin.token}"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http, \

@@ -89,9 +89,12 @@ class Listener:
         self.server: asyncio.Server | None = None
         self.door: Door | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.admin: web.AppRunner | None = None  # at admin.listen, when set
 
-    async def start(self, port: int | None = None) -> None:
-        """Opens storage and starts the forwarders (the Application's startup), then listens."""
+    async def start(self, port: int | None = None, admin_port: int | None = None) -> None:
+        """Opens storage and starts the forwarders (the Application's startup), then listens
+        (`port` and `admin_port` instead of the configured ones, for tests: 0 is any free one).
+        """
         await self.runner.setup()
         relay = self.application[app.RELAY]
         fallback = self.runner.server
@@ -106,6 +109,25 @@ class Listener:
             lambda: connections.protocol(lambda: front.Front(door)), self.config.host,
             self.config.port if port is None else port, backlog=128)
         self._sweeper = asyncio.create_task(_sweep(door), name="sweep-connections")
+        if self.config.admin.listen:
+            await self._start_admin(admin_port)
+
+    async def _start_admin(self, port: int | None) -> None:
+        admin = self.config.admin
+        self.admin = web.AppRunner(app.build_admin(self.application[app.RELAY]),
+                                   handle_signals=False, shutdown_timeout=1.0,
+                                   **server_options(self.config.limits))
+        await self.admin.setup()
+        site = web.TCPSite(self.admin, admin.host, admin.port if port is None else port,
+                           backlog=16)
+        await site.start()
+
+    @property
+    def admin_port(self) -> int:
+        """The port of admin.listen (as bound: a test asks for any free one)."""
+        assert self.admin is not None
+        port: int = self.admin.addresses[0][1]
+        return port
 
     @property
     def port(self) -> int:
@@ -140,6 +162,8 @@ class Listener:
         if self.door is not None:
             for connection in list(self.door.open):
                 connection.close()
+        if self.admin is not None:
+            await self.admin.cleanup()
         await self.runner.cleanup()
 
 
@@ -158,6 +182,9 @@ async def serve(config: Config) -> None:
     inflight = Inflight()
     application = app.build(config, middlewares=[inflight.middleware])
     listener = Listener(application, config)
+    loop = asyncio.get_running_loop()
+    # For relay's whole life: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, application[app.RELAY].hangup)
     try:
         await listener.start()
         # What exists once relay is up (modules, the app, the rules) lives as long as the
@@ -167,7 +194,6 @@ async def serve(config: Config) -> None:
         gc.freeze()
         gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

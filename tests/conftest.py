@@ -68,7 +68,7 @@ class RunningRelay:
 
     async def __aenter__(self) -> RunningRelay:
         try:
-            await self.listener.start(port=0)  # a free one
+            await self.listener.start(port=0, admin_port=0)  # free ones
         except BaseException:
             await self.listener.close()
             raise

@@ -41,6 +41,16 @@ class Door:
         self.idle = asyncio.Event()
         self.idle.set()
 
+    def held(self) -> tuple[int, int]:
+        """Connections open, and the bytes their requests hold in relay: bodies being read or
+        waiting for their answer, bytes kept for aiohttp (for /metrics, and the tests that
+        bound them)."""
+        held = 0
+        for connection in self.open:
+            held += connection.size + sum(map(len, connection.raw or ()))
+            held += sum(len(item.body) for item in connection.queue if isinstance(item, Call))
+        return self.connections.open, held
+
     def enter(self) -> None:
         self.inflight += 1
         self.idle.clear()

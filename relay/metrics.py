@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -41,6 +41,14 @@ class Metrics:
         self.batch_messages = Histogram(
             "relay_batch_messages", "Messages per batch sent", registry=self.registry,
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500))
+        self.connections_open = Gauge("relay_connections_open", "Client connections open",
+                                      registry=self.registry)
+        self.connections_held = Gauge(
+            "relay_connection_held_bytes", "Bytes of requests relay holds for its client"
+            " connections: bodies being read and answered, bytes kept for a handover",
+            registry=self.registry)
+        # (connections open, bytes held), from the listener once it listens.
+        self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.ingest_seconds = Histogram(
             "relay_ingest_seconds", "Time from request to answer on the event routes",
             registry=self.registry,
@@ -82,4 +90,7 @@ class Metrics:
             self.outbox_messages.labels(q.upstream).set(q.messages)
             self.outbox_bytes.labels(q.upstream).set(q.bytes)
             self.outbox_age.labels(q.upstream).set(q.oldest_age_seconds)
+        opened, held = self.connections()
+        self.connections_open.set(opened)
+        self.connections_held.set(held)
         return generate_latest(self.registry)

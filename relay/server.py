@@ -105,6 +105,7 @@ class Listener:
             lambda: relay.ingest, fallback, self.application[app.CORS],
             self.application[address.PROXIES], limits.header_seconds, limits.body_seconds,
             connections)
+        relay.metrics.connections = door.held
         self.server = await asyncio.get_running_loop().create_server(
             lambda: connections.protocol(lambda: front.Front(door)), self.config.host,
             self.config.port if port is None else port, backlog=128)

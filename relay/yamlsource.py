@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -45,11 +46,20 @@ class Source:
         return [text for _, text in sorted(self.errors, key=lambda e: e[0])]
 
 
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def dotted(path: Path) -> str:
-    """`("upstreams", 0, "kind")` as `upstreams[0].kind`."""
+    """`("upstreams", 0, "kind")` as `upstreams[0].kind`; a key that is no plain name as
+    `["a key"]`, so that an error's path is one word on one line."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _NAME.fullmatch(part):
+            out += f"[{json.dumps(part)}]"
+        else:
+            out += f".{part}" if out else part
     return out or "(top)"
 
 
@@ -59,11 +69,13 @@ def load(file: str, text: str, env: Mapping[str, str] | None = None) -> Source:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         builder = _Builder(source, os.environ if env is None else env)
-        source.data = {} if node is None else builder.value(node, ())
+        value = None if node is None else builder.value(node, ())
+        source.data = {} if value is None else value  # an empty document, or `!` alone
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).split("\n  in ", 1)[0]
+        problem = " ".join(problem.split())  # one line, whatever PyYAML made of it
         source.data = None
         source.errors.append((line, f"{file}:{line}: (yaml): {problem}"))
     except _Unbounded as exc:
@@ -136,8 +148,11 @@ class _Builder:
         constructor = yaml.SafeLoader(stream="")
         try:
             raw = constructor.construct_object(node)
-        except (ValueError, TypeError) as exc:  # `!!int abc`: a tag its text does not fit
-            self.source.error(path, f"cannot read {node.tag.rpartition(':')[2]} value: {exc}")
+        except yaml.YAMLError:
+            raise  # an unknown tag: reported with its line like any YAML error
+        except Exception as exc:  # `!!int abc`, `!!bool maybe`: a tag its text does not fit
+            problem = " ".join(str(exc).split())
+            self.source.error(path, f"cannot read {node.tag.rpartition(':')[2]} value: {problem}")
             return None
         if not isinstance(raw, str) or "${" not in raw:
             return raw

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import cli, config
 from relay.rules import REGISTRY
@@ -385,3 +387,48 @@ def test_parse_uses_given_environment_mapping():
         "mem.yaml:5: upstreams[0].url: environment variable U is not set"
         " (write ${U:-} to allow empty)"
     )
+
+
+def test_an_empty_or_blank_key_or_token_is_an_error_that_shows_no_secret(tmp_path, capsys):
+    """`write_keys: ["${RELAY_WRITE_KEY}"]` with the variable set but empty would accept requests
+    with no key at all: it is a config error, as are blank write keys, a blank upstream key and
+    a blank (or short) admin token; the token's value is never printed."""
+    path = write(tmp_path, textwrap.dedent("""\
+        upstreams:
+          - name: seg
+            kind: segment
+            url: http://127.0.0.1:9201
+            write_key: "   "
+        write_keys: ["${RELAY_T_EMPTY_KEY}", "ok-key"]
+        admin:
+          token: "secret-but-short"
+        """).replace("secret-but-short", " " * 8 + "x" * 12))
+    try:
+        config.load(str(path), env={"RELAY_T_EMPTY_KEY": ""})
+    except config.ConfigError as exc:
+        errors = exc.errors
+    else:
+        pytest.fail("an empty write key was accepted")
+    assert [e.split(": ", 2)[1] for e in errors] == [
+        "upstreams[0].write_key", "write_keys", "admin.token"]
+    assert "entry 0 is empty, which would let in requests with no key" in errors[1]
+    assert "xxxx" not in "\n".join(errors)
+    with pytest.raises(config.ConfigError, match="has a space at one end"):
+        config.parse("x.yaml", 'upstreams: [{name: a, kind: segment, url: "http://h"}]\n'
+                     'write_keys: ["k", " k2"]\n')
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=st.text(max_size=400) | st.builds(
+    lambda a, b: a + b,
+    st.sampled_from([VALID, BROKEN, "x: &r [*r]\n", "a: &a [1,2]\nb: [*a, *a]\n"]),
+    st.text(alphabet="&*[]{}:,!-?|>'\"\n #%@`\t\\", max_size=60)))
+def test_any_text_is_a_config_or_config_errors_never_an_exception(text):
+    """Whatever a config file holds, loading it gives a Config or a ConfigError whose errors all
+    point at `file:line`: never another exception (a reload must survive any file)."""
+    try:
+        config.parse("any.yaml", text, env={})
+    except config.ConfigError as exc:
+        assert exc.errors
+        assert all(re.match(r"any\.yaml:[1-9][0-9]*: \S", line) and "\n" not in line
+                   for line in exc.errors), exc.errors

@@ -46,17 +46,17 @@ class Source:
         return [text for _, text in sorted(self.errors, key=lambda e: e[0])]
 
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_PLAIN = re.compile(r"[^\s\[\]\"]+")  # a key written as it is: nothing that would end the word
 
 
 def dotted(path: Path) -> str:
-    """`("upstreams", 0, "kind")` as `upstreams[0].kind`; a key that is no plain name as
-    `["a key"]`, so that an error's path is one word on one line."""
+    """`("upstreams", 0, "kind")` as `upstreams[0].kind`; a key with spaces, brackets, quotes or
+    unprintable characters as `["a key"]`, so that an error's path stays readable on one line."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not _NAME.fullmatch(part):
+        elif not _PLAIN.fullmatch(part) or not part.isprintable():
             out += f"[{json.dumps(part)}]"
         else:
             out += f".{part}" if out else part

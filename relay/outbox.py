@@ -62,16 +62,24 @@ class Pending(NamedTuple):
     enqueued_at: float
 
 
-# The oldest rows `where` holds, up to a count and a size: which ids fit is worked out from the
-# bodies' lengths alone, so that rows beyond max_batch_bytes are never read out (with 32 KB
-# messages, a batch of 500 would otherwise read 16 MB to send 500 KB).
+# The oldest rows `where` holds, up to a count and a size, so that rows beyond max_batch_bytes
+# are never read out (with 32 KB messages, a batch of 500 would read 16 MB to send 500 KB). When
+# the first max_batch_messages rows fit, as they nearly always do, their total alone says so;
+# only when they do not is a running sum worked out (a window costs ~0.3 ms per 500 rows, which
+# slowed the drain by a tenth).
+_CANDIDATES = ("SELECT id, length(CAST(body AS BLOB)) AS size FROM outbox WHERE {where}"
+               " ORDER BY id LIMIT ?")
 _OLDEST = ("FROM (SELECT id, write_key, user_key, body, enqueued_at FROM outbox WHERE {where}"
-           " AND id <= (SELECT max(id) FROM (SELECT id, row_number() OVER w AS n,"
-           " sum(size + 1) OVER w AS upto FROM (SELECT id, length(body) AS size FROM outbox"
-           " WHERE {where} ORDER BY id LIMIT ?) WINDOW w AS (ORDER BY id ROWS UNBOUNDED"
-           " PRECEDING)) WHERE upto <= ? OR n = 1) ORDER BY id LIMIT ?)")
-_READ_SPLIT = ("SELECT json_group_array(json_array(id, write_key, user_key, length(body),"
-               " enqueued_at)), group_concat(body, '') " + _OLDEST)
+           " AND id <= CASE WHEN (SELECT sum(size + 1) FROM (" + _CANDIDATES + ")) <= ?"
+           " THEN (SELECT max(id) FROM (" + _CANDIDATES + "))"
+           " ELSE (SELECT max(id) FROM (SELECT id, row_number() OVER w AS n, sum(size + 1)"
+           " OVER w AS upto FROM (" + _CANDIDATES + ") WINDOW w AS (ORDER BY id ROWS"
+           " UNBOUNDED PRECEDING)) WHERE upto <= ? OR n = 1) END ORDER BY id LIMIT ?)")
+# Lengths in bytes, as blobs: SQLite counts a text's length character by character, a blob's it
+# has (0.22 against 0.48 ms for 500 bodies). Stored bodies are ASCII, so the two agree; should
+# one not be, the lengths do not add up and the batch is read quoted (`Outbox._rows`).
+_READ_SPLIT = ("SELECT json_group_array(json_array(id, write_key, user_key,"
+               " length(CAST(body AS BLOB)), enqueued_at)), group_concat(body, '') " + _OLDEST)
 _READ_QUOTED = ("SELECT json_group_array(json_array(id, write_key, user_key, body, enqueued_at)) "
                 + _OLDEST)
 _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
@@ -199,7 +207,9 @@ class Outbox:
             where += (" AND write_key = (SELECT write_key FROM outbox WHERE upstream = ?"
                       " AND id > ? ORDER BY id LIMIT 1)")
             args = (upstream, after, upstream, after)
-        rows = await self._rows(where, (*args, *args, max_messages, max_bytes, max_messages))
+        candidates = (*args, max_messages)
+        rows = await self._rows(where, (*args, *candidates, max_bytes, *candidates, *candidates,
+                                        max_bytes, max_messages))
         batch: list[Pending] = []
         size = 0
         for row in rows:

@@ -62,8 +62,19 @@ class Front(Intake, asyncio.Protocol):
         if self.handed is not None:
             _pass_on(self.handed, data)
             return
-        if len(data) <= PIECE:
-            self._feed(data)
+        if len(data) <= PIECE:  # nearly every read: parsed here, without a call of its own
+            if self.stopped:
+                self._feed(data)
+                return
+            self.chunk, self.begun, self.fresh = data, 0, self.between
+            if self.raw is not None:
+                self.raw.append(data)
+            was_body = self.in_body
+            self._parse(data)
+            if not self.between:  # a request is still being read: count what it took
+                self.counted(len(data))
+                if self.in_body and not was_body:
+                    self.since = time.monotonic()
         else:
             for start in range(0, len(data), PIECE):
                 if self.stopped:
@@ -87,6 +98,12 @@ class Front(Intake, asyncio.Protocol):
         if self.raw is not None:
             self.raw.append(data)
         was_body = self.in_body
+        self._parse(data)
+        self.counted(len(data))
+        if self.in_body and not was_body:
+            self.since = time.monotonic()
+
+    def _parse(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -95,9 +112,6 @@ class Front(Intake, asyncio.Protocol):
                 self._refusal(500, "internal_error", "relay could not handle this request")
         except httptools.HttpParserError as exc:
             self._refusal(400, "invalid_http", f"cannot parse the request: {exc}")
-        self.counted(len(data))
-        if self.in_body and not was_body:
-            self.since = time.monotonic()
 
     def eof_received(self) -> bool | None:
         if self.handed is not None:
@@ -160,7 +174,14 @@ class Front(Intake, asyncio.Protocol):
                     self._linger(item.answer)
                     return
                 try:
-                    self._write(await self._answer(item), item.keep_alive, item.http10)
+                    # The call leaves the queue and the count in flight whatever happens: a
+                    # worker cancelled at a stop must not leave it counted.
+                    try:
+                        answer = await self.door.answer(item, self.peer)
+                    finally:
+                        self.queue.popleft()
+                        self.door.leave()
+                    self._write(answer, item.keep_alive, item.http10)
                 except Exception:
                     log.exception("front: cannot answer a request from %s; answered 500 and"
                                   " closed", self.peer)
@@ -172,18 +193,10 @@ class Front(Intake, asyncio.Protocol):
         finally:
             self.worker = None
             self.since = time.monotonic()
-            self._release()
+            if self.queue:
+                self._release()
             if self.eof and self.transport is not None and self.handed is None:
                 self.transport.close()
-
-    async def _answer(self, call: Call) -> Answer:
-        """The answer to the first queued call, which leaves the queue and the count in flight
-        (whatever happens: a worker cancelled at a stop must not leave it counted)."""
-        try:
-            return await self.door.answer(call, self.peer)
-        finally:
-            self.queue.popleft()
-            self.door.leave()
 
     def _release(self) -> None:
         """Once the worker stops, what is left queued is never answered: after a refusal or a

@@ -163,10 +163,12 @@ class Ingest:
                     continue
                 final = outcome.message
             body = sent if final is message and sent is not None else protocol.dumps(final)
-            grown = budget.overrun(body)  # only rules can make a message too large here
-            if grown is not None:
-                _add(seen.invalid, grown + "_after_rules")
+            size = len(body)
+            if size > protocol.MAX_MESSAGE_BYTES or budget.used + size > budget.limit:
+                # Only the rules can make a message too large here: it was measured before.
+                _add(seen.invalid, budget.over(size) + "_after_rules")
                 continue
+            budget.used += size
             entries.append((protocol.user_key(final), body))
         counts, tally = seen.totals()
         return entries, counts, tally
@@ -179,7 +181,8 @@ def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str 
     PayloadError 413 when one is over the limits, before any rule or state has seen any."""
     receipt = Receipt(clock.now(), top.get("sentAt"))
     shared = protocol.shared_of(top, route)
-    budget.check_shared(shared, len(items))
+    if shared:
+        budget.check_shared(shared, len(items))
     measure = budget.measured or bool(shared)
     ready: list[tuple[Message, str | None]] = []
     types = seen.types

@@ -61,6 +61,7 @@ class Intake:
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.headed = False  # its head is complete: any further field is a trailer's
+        self.http10 = False
         self.route: Route | None = None
         self.body: list[bytes] = []
         self.size = 0
@@ -99,6 +100,7 @@ class Intake:
         if version not in VERSIONS:
             self._refuse(505, "http_version_not_supported",
                          f"HTTP/{version[:8]} is not supported; send HTTP/1.1")
+        self.http10 = version == "1.0"
         route = None
         if self.parser.get_method() == b"POST":
             route = self.door.routes.get(self.url.partition(b"?")[0])
@@ -112,7 +114,7 @@ class Intake:
             self._refuse(413, "request_too_large",
                          f"request body is over {protocol.MAX_REQUEST_BYTES} bytes")
         expect = self._header(b"expect")
-        if expect is not None and expect.lower() == "100-continue" and version == "1.1":
+        if expect is not None and expect.lower() == "100-continue" and not self.http10:
             self.expecting = True
             if not self.queue:
                 self._continue()
@@ -135,7 +137,7 @@ class Intake:
         assert self.route is not None
         self.queue.append(Call.of(
             self.route, self.headers, b"".join(self.body), self.parser.should_keep_alive(),
-            self.parser.get_http_version() == "1.0"))
+            self.http10))
         self.between, self.in_body, self.raw, self.expecting = True, False, None, False
         self.route = None  # its count goes with the Call
         self._reset()

@@ -49,6 +49,20 @@ def _listen_ok(value: str) -> bool:
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
+class _Listening:
+    """The host and the port of a `listen` of `host:port` (an IPv6 host without brackets)."""
+
+    listen: str
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 def _public_host_ok(value: str) -> bool:
     return re.fullmatch(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/[\w.~/-]*)?",
                         value) is not None
@@ -87,7 +101,7 @@ class Storage:
 
 
 @dataclass(frozen=True)
-class Admin:
+class Admin(_Listening):
     """The operators' HTTP endpoints: /admin/* off while `token` is empty; /readyz, /metrics and
     /admin/* on their own address when `listen` is set."""
 
@@ -99,14 +113,6 @@ class Admin:
     listen: str = _default("", lambda v: v == "" or _listen_ok(v),
                            "must be empty (served at the top-level listen) or host:port, like"
                            " 127.0.0.1:9090")
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ class Upstream:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Listening):
     """Everything `relay serve` runs with."""
 
     upstreams: tuple[Upstream, ...] = dataclasses.field(
@@ -187,14 +193,6 @@ class Config:
         if self.admin.listen and self.admin.listen == self.listen:
             raise FieldError("admin", "listen is the top-level listen; give another port, or"
                                       " leave it empty to serve both there")
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 EXIT_INVALID = 2  # what a command exits with when its config does not load

@@ -62,19 +62,8 @@ class Front(Intake, asyncio.Protocol):
         if self.handed is not None:
             _pass_on(self.handed, data)
             return
-        if len(data) <= PIECE:  # nearly every read: parsed here, without a call of its own
-            if self.stopped:
-                self._feed(data)
-                return
-            self.chunk, self.begun, self.fresh = data, 0, self.between
-            if self.raw is not None:
-                self.raw.append(data)
-            was_body = self.in_body
-            self._parse(data)
-            if not self.between:  # a request is still being read: count what it took
-                self.counted(len(data))
-                if self.in_body and not was_body:
-                    self.since = time.monotonic()
+        if len(data) <= PIECE:  # nearly every read
+            self._feed(data)
         else:
             for start in range(0, len(data), PIECE):
                 if self.stopped:
@@ -99,9 +88,10 @@ class Front(Intake, asyncio.Protocol):
             self.raw.append(data)
         was_body = self.in_body
         self._parse(data)
-        self.counted(len(data))
-        if self.in_body and not was_body:
-            self.since = time.monotonic()
+        if not self.between:  # a request is still being read: count what it took of the wire
+            self.counted(len(data))
+            if self.in_body and not was_body:
+                self.since = time.monotonic()
 
     def _parse(self, data: bytes) -> None:
         try:

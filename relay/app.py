@@ -19,7 +19,10 @@ from relay.ingest import Ingest, mask
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.outbox import Outbox
 from relay.pipeline import Pipeline
+from relay.redis_store import FAILURES, RedisStore
 from relay.reloader import Reloader
+from relay.shared_state import SharedState
+from relay.shipper import Shipper
 from relay.state import SqliteState
 
 log = logging.getLogger("relay")
@@ -33,8 +36,15 @@ class Relay:
         storage = config.storage
         self.outbox = Outbox(storage.path, [u.name for u in config.upstreams],
                              storage.synchronous, Capacity(storage.max_bytes, storage.when_full))
-        self.state = SqliteState(config.storage.path, config.storage.cache_size)
         self.metrics = Metrics()
+        self.store: RedisStore | None = None
+        self.state: SqliteState
+        if config.state.backend == "redis":
+            self.store = RedisStore(config.state, self.metrics)
+            self.state = SharedState(config.storage.path, self.store, config.storage.cache_size,
+                                     config.state.cache_ms)
+        else:
+            self.state = SqliteState(config.storage.path, config.storage.cache_size)
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
                              self.state, self.outbox, self.metrics,
                              body_seconds=config.limits.body_seconds)
@@ -51,11 +61,18 @@ class Relay:
             await self.outbox.close()
             raise
         session = aiohttp.ClientSession()
+        if self.store is not None:
+            assert isinstance(self.state, SharedState)
+            shipper = Shipper(self.state, self.store, self.outbox.commit)
+            self.state.shipped = shipper.wake
+            self.tasks.append(asyncio.create_task(_supervised("state", shipper.run),
+                                                  name="ship-state"))
         for upstream in self.config.upstreams:
             forwarder = Forwarder(upstream, self.outbox, session, self.metrics)
             self.forwarders.append(forwarder)
-            self.tasks.append(asyncio.create_task(_supervised(forwarder),
-                                                  name=f"forward-{upstream.name}"))
+            self.tasks.append(asyncio.create_task(
+                _supervised(f"upstream {upstream.name}: delivery", forwarder.run),
+                name=f"forward-{upstream.name}"))
         if self.reloader is not None:
             self.tasks.append(asyncio.create_task(self.reloader.run(), name="reload"))
         self._log_start()
@@ -66,13 +83,17 @@ class Relay:
             await session.close()
             await self.outbox.close()
             await self.state.close()
+            if self.store is not None:
+                await self.store.close()
 
     async def _stop(self) -> None:
         grace = self.config.shutdown_grace_seconds
         for forwarder in self.forwarders:
             forwarder.stop(grace)
-        for task in self.tasks[len(self.forwarders):]:
-            task.cancel()  # the reloader: nothing to finish
+        delivering = {f"forward-{f.upstream.name}" for f in self.forwarders}
+        for task in self.tasks:
+            if task.get_name() not in delivering:
+                task.cancel()  # the reloader, the state's shipper: their work is stored
         _, late = await asyncio.wait(self.tasks, timeout=grace + 1.0) if self.tasks else ((), ())
         for task in late:
             task.cancel()
@@ -113,15 +134,14 @@ class Relay:
             log.warning("%s", note)
 
 
-async def _supervised(forwarder: Forwarder) -> None:
-    """Runs a forwarder until it stops; a bug that escapes it is logged, and it starts again."""
+async def _supervised(what: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Runs a loop until it returns; a bug that escapes it is logged, and it starts again."""
     while True:
         try:
-            await forwarder.run()
+            await run()
             return
         except Exception:
-            log.exception("upstream %s: delivery loop failed; starting it again",
-                          forwarder.upstream.name)
+            log.exception("%s loop failed; starting it again", what)
             await asyncio.sleep(1.0)
 
 
@@ -205,7 +225,14 @@ def _unauthorized() -> web.Response:
 async def _admin_report(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
-    return web.json_response(await report.build(request.app[RELAY].config.storage.path))
+    relay = request.app[RELAY]
+    try:
+        built = await report.build(relay.config, relay.store)
+    except FAILURES as exc:
+        return web.json_response({"code": "state_unavailable",
+                                  "message": f"cannot read user state from Redis ({exc})"},
+                                 status=503)
+    return web.json_response(built)
 
 
 async def _admin_queue(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from relay import config, logs, queue_commands, report, salvage, server, trial
 from relay.protocol import PayloadError
+from relay.redis_store import FAILURES
 
 EXIT_CONFIG = config.EXIT_INVALID
 
@@ -102,7 +103,11 @@ def _report(args: argparse.Namespace) -> int:
     loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
-    built = asyncio.run(report.build(loaded.storage.path))
+    try:
+        built = asyncio.run(report.build(loaded))
+    except FAILURES as exc:
+        print(f"relay report: cannot read user state from Redis ({exc})", file=sys.stderr)
+        return 1
     print(json.dumps(built, indent=2) if args.json else "\n".join(report.text(built)))
     return 0
 

@@ -37,7 +37,7 @@ def _check(test: Callable[[Any], bool], message: str) -> dict[str, Any]:
 
 def _default(value: Any, test: Callable[[Any], bool], message: str, secret: bool = False) -> Any:
     metadata = {**_check(test, message), "secret": secret}
-    return dataclasses.field(default=value, metadata=metadata)
+    return dataclasses.field(default=value, metadata=metadata, repr=not secret)
 
 
 def _positive(value: float) -> Any:
@@ -98,6 +98,35 @@ class Storage:
     max_bytes: int = _default(0, lambda v: v == 0 or v >= 1_000_000,
                               "must be 0 (no cap) or at least 1000000")
     when_full: Literal["reject", "drop_oldest"] = "reject"
+
+
+def _redis_url_ok(value: str) -> bool:
+    url = urlsplit(value)
+    return url.scheme in ("redis", "rediss") and bool(url.hostname)
+
+
+@dataclass(frozen=True)
+class UserState:
+    """Where the rules' user state lives: this relay's SQLite file, or a Redis that several
+    relays (and workers) share."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    url: str = _default("", lambda v: v == "" or _redis_url_ok(v),
+                        "must be empty or redis://[user:password@]host:port/db (rediss:// for"
+                        " TLS)", secret=True)
+    key_prefix: str = _default("relay:", lambda v: 0 < len(v) <= 64 and v.isprintable()
+                               and " " not in v, "must be 1 to 64 printable characters, no space")
+    ttl_days: float = _positive(90.0)
+    timeout_ms: int = _default(50, lambda v: 1 <= v <= 10_000, "must be from 1 to 10000")
+    on_unavailable: Literal["decide", "hold"] = "decide"
+    # How long what was fetched about a user is used before it is asked again: the most a relay
+    # may lag behind a change another relay made.
+    cache_ms: int = _default(1000, lambda v: 0 <= v <= 600_000, "must be from 0 to 600000")
+
+    def __post_init__(self) -> None:
+        if self.backend == "redis" and not self.url:
+            raise FieldError("url", "must be set when backend is redis, like"
+                                    " redis://redis:6379/0")
 
 
 @dataclass(frozen=True)
@@ -175,6 +204,8 @@ class Config(_Listening):
         metadata=_check(bool, "must name at least one upstream"))
     listen: str = _default("0.0.0.0:8080", _listen_ok, "must be host:port, like 0.0.0.0:8080")
     storage: Storage = Storage()
+    state: UserState = UserState()
+    workers: int = _default(1, lambda v: 1 <= v <= 64, "must be from 1 to 64")
     write_keys: tuple[str, ...] = dataclasses.field(default=(), metadata={"check": _keys_wrong})
     shutdown_grace_seconds: float = _default(5.0, lambda v: v >= 0, "must be 0 or more")
     on_rule_error: Literal["pass", "drop"] = "pass"
@@ -190,6 +221,10 @@ class Config(_Listening):
     warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})
 
     def __post_init__(self) -> None:
+        if self.workers > 1 and self.state.backend != "redis":
+            raise FieldError("workers", "more than 1 needs state.backend: redis (each worker has"
+                                        " its own outbox, and only a shared store gives them one"
+                                        " memory of users)")
         if self.admin.listen and self.admin.listen == self.listen:
             raise FieldError("admin", "listen is the top-level listen; give another port, or"
                                       " leave it empty to serve both there")

@@ -14,13 +14,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from relay import address, clock, protocol
+from relay import address, clock, identity, protocol
 from relay.group_commit import StorageError
 from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox
 from relay.pipeline import Outcome, Pipeline, RuleContext
 from relay.protocol import Message, PayloadError, Route
 from relay.receipt import Receipt
+from relay.shared_state import SharedState
 from relay.state import SqliteState
 
 log = logging.getLogger("relay.ingest")
@@ -70,9 +71,18 @@ class Ingest:
         self.write_keys = frozenset(write_keys)
         self.pipeline = pipeline  # replaced whole on reload; a request keeps the one it began with
         self.state = state
+        self.shared = state if isinstance(state, SharedState) else None
         self.outbox = outbox
         self.metrics = metrics
         self.body_seconds = body_seconds
+
+    async def _prefetch(self, shared: SharedState, ready: list[tuple[Message, str | None]]
+                        ) -> None:
+        """What the shared store holds about the request's users, in one call before the
+        rules; without its answer they decide from what this relay knows."""
+        refs = [ref for message, _ in ready for ref in identity.refs(message)]
+        if refs and not await shared.prefetch(refs):
+            self.metrics.without_store.labels("decided").inc(len(ready))
 
     def routes(self) -> list[web.RouteDef]:
         """A POST route for every inbound path."""
@@ -133,6 +143,7 @@ class Ingest:
         except StorageError:
             self.state.forget()
             raise
+        self.state.committed()
         if "dropped.outbox_full" in counts:
             tally[("dropped", "storage", "outbox_full")] = counts["dropped.outbox_full"]
         self.metrics.record(tally)  # only now: a request refused with 503 comes again
@@ -148,6 +159,8 @@ class Ingest:
         seen = _Seen()
         budget = protocol.Budget(size)
         ready = _assembled(items, top, route, remote, budget=budget, seen=seen)
+        if self.shared is not None:
+            await self._prefetch(self.shared, ready)
         ctx = RuleContext(state=self.state, route=route.path)
         pipeline = self.pipeline
         entries: list[Entry] = []

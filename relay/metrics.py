@@ -47,6 +47,16 @@ class Metrics:
             "relay_connection_held_bytes", "Bytes of requests relay holds for its client"
             " connections: bodies being read and answered, bytes kept for a handover",
             registry=self.registry)
+        self.store_up = Gauge("relay_state_store_up", "1 while the shared state store (Redis)"
+                              " answers, 0 while it does not", registry=self.registry)
+        self.store_seconds = Histogram(
+            "relay_state_store_seconds", "Round trips of the reads of user state from Redis",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+        self.without_store = self._counter(
+            "state_without_store_messages", "Messages whose rules ran without Redis's answer"
+            " (decided: from what this relay knows; held: their rules run once it is back)",
+            "how")
         # (connections open, bytes held), from the listener once it listens.
         self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.ingest_seconds = Histogram(

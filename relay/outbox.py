@@ -190,6 +190,10 @@ class Outbox:
             for event in self._signals.values():
                 event.set()
 
+    async def commit(self, statements: list[Statement]) -> None:
+        """Commits `statements` (other parts' writes: the state's journal) with the next group."""
+        await self._group.submit(statements)
+
     async def next_batch(
         self, upstream: str, max_messages: int, max_bytes: int, by_key: bool, after: int = 0
     ) -> list[Pending]:

@@ -1,4 +1,7 @@
-"""`relay report`: what the rules saw: users in several groups, internal users, rule counts."""
+"""`relay report`: what the rules saw: users in several groups, internal users, rule counts.
+
+With `state.backend: redis` the users come from Redis, so the report covers every relay sharing
+it; the rule counts are this relay's (its own database's)."""
 
 from __future__ import annotations
 
@@ -8,9 +11,33 @@ from typing import Any
 
 import aiosqlite
 
+from relay.config import Config
+from relay.metrics import Metrics
+from relay.redis_store import RedisStore
 
-async def build(path: str) -> dict[str, Any]:
-    """The report from the database at `path` (read-only; empty when there is none yet)."""
+
+async def build(config: Config, store: RedisStore | None = None) -> dict[str, Any]:
+    """The report for `config`: from its database (read-only; empty when there is none yet),
+    and, with the redis backend, the users from Redis (through `store`, or a client of its own).
+    """
+    built = await _from_sqlite(config.storage.path)
+    if config.state.backend != "redis":
+        return built
+    own = store is None
+    client = RedisStore(config.state, Metrics()) if store is None else store
+    try:
+        multi, internal = await client.report()
+    finally:
+        if own:
+            await client.close()
+    built["multi_group_users"] = [{"user": ref, "groups": groups, "tracks_without_group": n}
+                                  for ref, n, groups in multi]
+    built["internal_users"] = [{"user": ref, "reason": reason, "first_seen": first}
+                               for ref, reason, first in internal]
+    return built
+
+
+async def _from_sqlite(path: str) -> dict[str, Any]:
     empty: dict[str, Any] = {"counters": {}, "multi_group_users": [], "internal_users": []}
     if not os.path.exists(path):  # noqa: ASYNC240 (a CLI command, nothing else runs)
         return empty

@@ -153,6 +153,12 @@ class SqliteState:
         await self._conn.execute("PRAGMA busy_timeout=5000")
         await self._conn.executescript(SCHEMA)
 
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        """The reading connection (open)."""
+        assert self._conn is not None
+        return self._conn
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
@@ -165,6 +171,9 @@ class SqliteState:
             self._ungrouped.clear()
         pending, self._pending = self._pending, []
         return [] if self.dry else pending
+
+    def committed(self) -> None:
+        """What `drain` gave is committed (a shared store's shipper may send it now)."""
 
     def forget(self) -> None:
         """Drops the cache, after a commit failed, so what it says matches the database."""
@@ -200,12 +209,16 @@ class SqliteState:
         return self._set_group(ref, current, group_id, at)
 
     def _set_group(self, ref: str, current: Membership | None, group_id: str, at: str) -> bool:
-        if current is not None and _later(current.at, at):
+        if current is not None and not wins(group_id, at, current):
             return False
         if current != Membership(group_id, at):
             self._groups.remember(ref, Membership(group_id, at))
             self._pending.append((_SET_GROUP, [(ref, group_id, at)]))
+            self._record(["g", ref, group_id, at])
         return True
+
+    def _record(self, op: list[Any]) -> None:
+        """A change as a shared store takes it (`relay.shared_state`); nothing here."""
 
     async def is_internal(self, ref: str) -> bool:
         found = self._internal.recall(ref)
@@ -239,7 +252,9 @@ class SqliteState:
 
     def _mark(self, ref: str, reason: str) -> None:
         self._internal.remember(ref, True)
-        self._pending.append((_INTERNAL, [(ref, reason, time.time())]))
+        now = time.time()
+        self._pending.append((_INTERNAL, [(ref, reason, now)]))
+        self._record(["i", ref, reason, now])
 
     async def link(self, anonymous_id: str, user_id: str) -> None:
         """Ties an anonymousId to a userId; an internal verdict on either covers both."""
@@ -262,6 +277,7 @@ class SqliteState:
         if self._links.get(anonymous_id) != user_id:
             self._links.remember(anonymous_id, user_id)
             self._pending.append((_LINK, [(anonymous_id, user_id)]))
+            self._record(["l", anonymous_id, user_id])
 
     def note_member(self, ref: str, group_id: str) -> None:
         """Records that `ref` was seen in `group_id` (for `relay report`)."""
@@ -270,6 +286,7 @@ class SqliteState:
         if key not in self._members or now - self._members[key] > 60:
             self._members.remember(key, now)
             self._pending.append((_MEMBER, [(ref, group_id, now, now)]))
+            self._record(["m", ref, group_id, now])
 
     def note_ungrouped_track(self, ref: str) -> None:
         """Counts a track call that came without a group (for `relay report`)."""
@@ -305,7 +322,18 @@ class SqliteState:
         return bool(row and row[0])
 
 
-def _later(current: str, candidate: str) -> bool:
-    """Whether the event time `current` is after `candidate` (unreadable times never win)."""
-    a, b = clock.parse(current), clock.parse(candidate)
-    return a is not None and b is not None and a > b
+def wins(group_id: str, at: str, current: Membership) -> bool:
+    """Whether a group call of `group_id` at event time `at` makes it the current group over
+    `current`: the later event time wins, and the same time goes to the greater group id, so
+    that the order the calls arrive in never matters (a shared store decides the same way).
+    Event times are `identity.event_time`'s, `YYYY-MM-DDTHH:MM:SS.mmmZ`, whose text sorts as
+    the time does; a time in another shape is compared as a time (and never wins unread)."""
+    if len(at) == len(current.at) == _EVENT_TIME and at[-1] == current.at[-1] == "Z":
+        return (at, group_id) > (current.at, current.group_id)
+    a, b = clock.parse(at), clock.parse(current.at)
+    if a is None or b is None:
+        return b is None
+    return (a, group_id) > (b, current.group_id)
+
+
+_EVENT_TIME = len("2026-01-01T00:00:00.000Z")

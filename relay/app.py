@@ -20,6 +20,7 @@ from relay.metrics import CONTENT_TYPE, Metrics
 from relay.outbox import Outbox
 from relay.pipeline import Pipeline
 from relay.redis_store import FAILURES, RedisStore
+from relay.release import Releaser
 from relay.reloader import Reloader
 from relay.shared_state import SharedState
 from relay.shipper import Shipper
@@ -42,7 +43,8 @@ class Relay:
         if config.state.backend == "redis":
             self.store = RedisStore(config.state, self.metrics)
             self.state = SharedState(config.storage.path, self.store, config.storage.cache_size,
-                                     config.state.cache_ms)
+                                     config.state.cache_ms,
+                                     hold=config.state.on_unavailable == "hold")
         else:
             self.state = SqliteState(config.storage.path, config.storage.cache_size)
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
@@ -67,6 +69,10 @@ class Relay:
             self.state.shipped = shipper.wake
             self.tasks.append(asyncio.create_task(_supervised("state", shipper.run),
                                                   name="ship-state"))
+            releaser = Releaser(self.state, self.store, self.outbox, lambda: self.ingest,
+                                self.metrics)
+            self.tasks.append(asyncio.create_task(_supervised("held messages", releaser.run),
+                                                  name="release-held"))
         for upstream in self.config.upstreams:
             forwarder = Forwarder(upstream, self.outbox, session, self.metrics)
             self.forwarders.append(forwarder)

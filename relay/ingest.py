@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from relay import address, clock, identity, protocol
+from relay import address, clock, held, protocol
 from relay.group_commit import StorageError
 from relay.metrics import Metrics, Tally
 from relay.outbox import Entry, Outbox
@@ -76,14 +76,6 @@ class Ingest:
         self.metrics = metrics
         self.body_seconds = body_seconds
 
-    async def _prefetch(self, shared: SharedState, ready: list[tuple[Message, str | None]]
-                        ) -> None:
-        """What the shared store holds about the request's users, in one call before the
-        rules; without its answer they decide from what this relay knows."""
-        refs = [ref for message, _ in ready for ref in identity.refs(message)]
-        if refs and not await shared.prefetch(refs):
-            self.metrics.without_store.labels("decided").inc(len(ready))
-
     def routes(self) -> list[web.RouteDef]:
         """A POST route for every inbound path."""
         return [web.post(route.path, self._handler(route)) for route in protocol.routes()]
@@ -131,7 +123,8 @@ class Ingest:
         if self.write_keys and key not in self.write_keys:
             raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
         try:
-            entries, counts, tally = await self.process(items, top, route, remote, len(raw))
+            entries, counts, tally = await self.process(items, top, route, remote,
+                                                        size=len(raw), key=key)
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
@@ -149,22 +142,30 @@ class Ingest:
         self.metrics.record(tally)  # only now: a request refused with 503 comes again
 
     async def process(
-        self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None,
-        size: int,
+        self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
+        size: int, key: str = "",
     ) -> tuple[list[Entry], dict[str, int], Tally]:
         """Each item validated, stamped and measured, then run through the rules; what is left,
         serialised, with the durable counters and the metrics' tally of what happened. `size`
         is the request's (decompressed) size, which bounds what it may store (`protocol.Budget`).
+        With a shared store, what its rules cannot run on yet is held (`relay.held`).
         """
-        seen = _Seen()
+        seen = Seen()
         budget = protocol.Budget(size)
         ready = _assembled(items, top, route, remote, budget=budget, seen=seen)
         if self.shared is not None:
-            await self._prefetch(self.shared, ready)
-        ctx = RuleContext(state=self.state, route=route.path)
+            ready = await held.fetched(self.shared, ready, key, route.path, self.metrics)
+        budget.used = 0
+        entries = await self.rules(ready, route.path, budget, seen)
+        counts, tally = seen.totals()
+        return entries, counts, tally
+
+    async def rules(self, ready: list[tuple[Message, str | None]], route: str,
+                    budget: protocol.Budget, seen: Seen) -> list[Entry]:
+        """`ready`'s messages through the rules, serialised as stored; what `seen` counts."""
+        ctx = RuleContext(state=self.state, route=route)
         pipeline = self.pipeline
         entries: list[Entry] = []
-        budget.used = 0
         for message, sent in ready:
             final = pipeline.start(message, ctx)
             if not isinstance(final, dict):  # a rule changed or dropped it, or had to wait
@@ -183,12 +184,11 @@ class Ingest:
                 continue
             budget.used += size
             entries.append((protocol.user_key(final), body))
-        counts, tally = seen.totals()
-        return entries, counts, tally
+        return entries
 
 
 def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
-               budget: protocol.Budget, seen: _Seen) -> list[tuple[Message, str | None]]:
+               budget: protocol.Budget, seen: Seen) -> list[tuple[Message, str | None]]:
     """Every valid item as the message the client's request makes of it (the batch's shared
     fields merged in, stamped), with its body as stored when its size must be checked; a
     PayloadError 413 when one is over the limits, before any rule or state has seen any."""
@@ -216,7 +216,7 @@ def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str 
     return ready
 
 
-class _Seen:
+class Seen:
     """What one request's messages came to, tallied by kind once per request, not per message
     (plain dictionaries, here and in what it returns: a single event's request makes one of
     these, and Counters cost more to make than to fill)."""

@@ -125,7 +125,7 @@ class RedisStore:
         """Applies the ops (a JSON list, in order); gives Redis's epoch. Raises on failure."""
         async with asyncio.timeout(APPLY_SECONDS):
             epoch = await self._apply(args=[self.prefix, self.ttl, time.time(),
-                                            uuid.uuid4().hex, ops_json])
+                                            f"{uuid.uuid4().hex}@{time.time():.3f}", ops_json])
         self.came_back()
         self.epoch = str(epoch)
         return self.epoch
@@ -141,6 +141,14 @@ class RedisStore:
                  for n in range(0, len(multi), 3)],
                 [(internal[n], internal[n + 1], float(internal[n + 2]))
                  for n in range(0, len(internal), 3)])
+
+    def epoch_age(self) -> float:
+        """Seconds since Redis's epoch began (since it was last found empty); 0 when unknown."""
+        _, _, since = (self.epoch or "").partition("@")
+        try:
+            return max(time.time() - float(since), 0.0)
+        except ValueError:
+            return 0.0
 
     # whether it answers
 

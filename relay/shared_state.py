@@ -25,8 +25,11 @@ from relay.state import MISSING, Cache, Membership, SqliteState, wins
 JOURNAL = """
 CREATE TABLE IF NOT EXISTS state_journal (id INTEGER PRIMARY KEY AUTOINCREMENT, ops TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS state_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY AUTOINCREMENT, write_key TEXT NOT NULL,
+    route TEXT NOT NULL, refs TEXT NOT NULL, body TEXT NOT NULL);
 """
 _JOURNAL = "INSERT INTO state_journal (ops) VALUES (?)"
+_HOLD = "INSERT INTO held (write_key, route, refs, body) VALUES (?, ?, ?, ?)"
 
 
 class SharedState(SqliteState):
@@ -34,9 +37,11 @@ class SharedState(SqliteState):
     (`prefetch`); when Redis does not answer, it decides as one relay would."""
 
     def __init__(self, path: str, store: RedisStore, cache_size: int = 100_000,
-                 cache_ms: int = 1000) -> None:
+                 cache_ms: int = 1000, hold: bool = False) -> None:
         super().__init__(path, cache_size)
         self.store = store
+        self.hold = hold  # state.on_unavailable: hold (`relay.held`)
+        self.held_refs: set[str] = set()  # users with messages held
         self.cache_seconds = cache_ms / 1000
         self._ops: list[list[Any]] = []
         self._fetched: Cache[float] = Cache(cache_size)  # ref -> when Redis last told of it
@@ -46,6 +51,13 @@ class SharedState(SqliteState):
         await super().open()
         assert self._conn is not None
         await self._conn.executescript(JOURNAL)
+        for (refs,) in await self._conn.execute_fetchall("SELECT refs FROM held"):
+            self.held_refs.update(json.loads(refs))
+
+    def hold_message(self, key: str, route: str, refs: list[str], body: str) -> None:
+        """Holds a message (stamped, as stored before the rules) with the request's commit."""
+        self.held_refs.update(refs)
+        self._pending.append((_HOLD, [(key, route, dumps(refs), body)]))
 
     def _record(self, op: list[Any]) -> None:
         self._ops.append(op)
@@ -101,7 +113,7 @@ class SharedState(SqliteState):
             self._internal.remember(ref, False)
 
 
-def dumps(ops: list[list[Any]]) -> str:
+def dumps(ops: list[Any]) -> str:
     """Ops as JSON for Redis's cjson; ids that are no valid UTF-8 (lone surrogates, which JSON
     allows) go as they are, as the keys relay sends them do."""
     try:

@@ -55,9 +55,12 @@ class Shipper:
 
     async def run(self) -> None:
         epoch = await self._remembered()
+        first = True
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), PROBE_SECONDS)
+            if not first:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), PROBE_SECONDS)
+            first = False
             self.wake.clear()
             try:
                 shipped = False

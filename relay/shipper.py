@@ -63,9 +63,7 @@ class Shipper:
             first = False
             self.wake.clear()
             try:
-                shipped = False
-                while await self._ship_some():
-                    shipped = True
+                shipped = await self.ship_all()
                 # An empty call when nothing was sent: the probe, and the epoch as it is now.
                 said = self.store.epoch if shipped else await self.store.apply("[]")
                 if said != epoch:
@@ -74,6 +72,14 @@ class Shipper:
             except FAILURES as exc:
                 self.store.went_down(exc)
                 await asyncio.sleep(RETRY_SECONDS)
+
+    async def ship_all(self) -> bool:
+        """Sends the whole journal; whether there was any. Raises when Redis does not take it
+        (what was not sent stays in the journal)."""
+        shipped = False
+        while await self._ship_some():
+            shipped = True
+        return shipped
 
     async def _ship_some(self) -> int:
         """Sends the oldest journal rows (up to MAX_CALL_BYTES) in one call and deletes them;

@@ -1,0 +1,112 @@
+"""The user-state contract, on both backends: every case of `one_group_per_user` and
+`drop_internal_users` in tests/test_rules.py, played against one relay's SQLite state, and
+against two relays sharing one real Redis, the messages taking turns between them. The answers
+must be the same: what one relay learned, the other knows once it is shipped.
+
+A step on the shared backend is what a request does there: the users' state fetched from Redis
+(the cache's lifetime is 0 here, so every fetch asks), the rules, the writes committed to that
+relay's SQLite file with the journal, and the journal shipped to Redis."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redisproc import RedisServer, needs_redis
+from test_rules import (
+    DETECTION_CASES,
+    ONE_GROUP_CASES,
+    OWN_GROUP_CASES,
+    Expected,
+    Message,
+    check,
+    load,
+    run,
+)
+
+from relay import identity
+from relay.config import UserState
+from relay.metrics import Metrics
+from relay.redis_store import RedisStore
+from relay.shared_state import SharedState
+from relay.shipper import Shipper
+from relay.state import SqliteState
+
+Step = Callable[[int, Message], Awaitable[Any]]
+
+
+def committed(db: Path) -> Callable[[list[tuple[str, list[tuple[Any, ...]]]]], Awaitable[None]]:
+    """What the outbox's group commit does with statements: one committed transaction."""
+
+    async def commit(statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        with sqlite3.connect(db) as conn:
+            for sql, rows in statements:
+                conn.executemany(sql, rows)
+        conn.close()
+
+    return commit
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
+        Callable[[str], Step]]:
+    """For the rules of a case, how to take message i: on one SQLite state, or on relay i % 2
+    of two sharing Redis."""
+    if request.param == "sqlite":
+        alone = SqliteState(str(tmp_path / "one.db"))
+        await alone.open()
+        commit = committed(tmp_path / "one.db")
+
+        def one(rules: str) -> Step:
+            async def step(_: int, message: Message) -> Any:
+                outcome = await run(load(rules), alone, message)
+                await commit(alone.drain())
+                return outcome
+            return step
+
+        yield one
+        await alone.close()
+        return
+    if not RedisServer.available():
+        pytest.skip("needs Debian's redis-server")
+    server = RedisServer(tmp_path / "redis").start()
+    relays: list[tuple[SharedState, Shipper, Callable[..., Awaitable[None]]]] = []
+    for n in range(2):
+        db = tmp_path / f"relay-{n}.db"
+        store = RedisStore(UserState(backend="redis", url=server.url, cache_ms=0), Metrics())
+        state = SharedState(str(db), store, cache_ms=0)
+        await state.open()
+        relays.append((state, Shipper(state, store, committed(db)), committed(db)))
+
+    def two(rules: str) -> Step:
+        async def step(i: int, message: Message) -> Any:
+            state, shipper, commit = relays[i % 2]
+            assert await state.prefetch(identity.refs(message))
+            outcome = await run(load(rules), state, message)
+            await commit(state.drain())
+            await shipper.ship_all()
+            return outcome
+        return step
+
+    yield two
+    for state, _, _ in relays:
+        await state.close()
+        await state.store.close()
+    server.stop()
+
+
+@pytest.mark.parametrize(("rules", "steps"), ONE_GROUP_CASES + DETECTION_CASES + OWN_GROUP_CASES)
+async def test_the_state_contract(rules: str, steps: list[tuple[Message, Expected]],
+                                  backend: Callable[[str], Step]) -> None:
+    """Each (message, expected) of the case, in order, gives the same answer on either
+    backend: one relay, or two taking turns on one Redis."""
+    step = backend(rules)
+    for i, (message, expected) in enumerate(steps):
+        outcome = await step(i, message)
+        try:
+            check(outcome, message, expected)
+        except AssertionError as exc:
+            raise AssertionError(f"step {i}: {message} -> {outcome}") from exc

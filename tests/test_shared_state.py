@@ -70,7 +70,7 @@ async def shipped(*relays: RunningRelay, seconds: float = 5.0) -> None:
         for relay in relays:
             rows = await relay.relay.state.connection.execute_fetchall(
                 "SELECT count(*) FROM state_journal")
-            pending += list(rows)[0][0]
+            pending += next(iter(rows))[0]
         if not pending:
             return
         await asyncio.sleep(0.02)
@@ -148,7 +148,7 @@ async def known(*relays: RunningRelay) -> None:
 async def journal_size(relay: RunningRelay) -> int:
     rows = await relay.relay.state.connection.execute_fetchall(
         "SELECT count(*) FROM state_journal")
-    return int(list(rows)[0][0])
+    return int(next(iter(rows))[0])
 
 
 async def ready(http: aiohttp.ClientSession, relay: RunningRelay) -> bool:
@@ -298,7 +298,7 @@ async def test_hold_keeps_staff_events_until_redis_answers_then_runs_them_in_ord
                                                      "messageId": f"c{n}"}) == 200
         assert await ready(http, b)
         rows = await b.relay.state.connection.execute_fetchall("SELECT count(*) FROM held")
-        assert list(rows)[0][0] == 10
+        assert next(iter(rows))[0] == 10
         await asyncio.sleep(0.3)
         assert not [m for r in upstream.requests for m in r.body["batch"]
                     if m["messageId"].startswith(("s", "c"))]
@@ -306,6 +306,6 @@ async def test_hold_keeps_staff_events_until_redis_answers_then_runs_them_in_ord
         got = await upstream.wait_for(5)
         await asyncio.sleep(0.3)
         rows = await b.relay.state.connection.execute_fetchall("SELECT count(*) FROM held")
-        assert list(rows)[0][0] == 0
+        assert next(iter(rows))[0] == 0
     ids = [m["messageId"] for m in got if m["type"] == "track"]
     assert ids == [f"c{n}" for n in range(5)]

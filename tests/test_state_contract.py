@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redisproc import RedisServer, needs_redis
+from redisproc import RedisServer
 from test_rules import (
     DETECTION_CASES,
     ONE_GROUP_CASES,

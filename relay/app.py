@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from relay import address, cdn, cors, protocol, report
+from relay import address, cdn, cors, inventory, protocol, queue, report
 from relay.capacity import Capacity
 from relay.config import Config
 from relay.forwarder import Forwarder
@@ -35,18 +35,18 @@ class Relay:
     def __init__(self, config: Config) -> None:
         self.config = config
         storage = config.storage
-        self.outbox = Outbox(storage.path, [u.name for u in config.upstreams],
+        self.outbox = Outbox(config.database, [u.name for u in config.upstreams],
                              storage.synchronous, Capacity(storage.max_bytes, storage.when_full))
         self.metrics = Metrics()
         self.store: RedisStore | None = None
         self.state: SqliteState
         if config.state.backend == "redis":
             self.store = RedisStore(config.state, self.metrics)
-            self.state = SharedState(config.storage.path, self.store, config.storage.cache_size,
+            self.state = SharedState(config.database, self.store, config.storage.cache_size,
                                      config.state.cache_ms,
                                      hold=config.state.on_unavailable == "hold")
         else:
-            self.state = SqliteState(config.storage.path, config.storage.cache_size)
+            self.state = SqliteState(config.database, config.storage.cache_size)
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
                              self.state, self.outbox, self.metrics,
                              body_seconds=config.limits.body_seconds)
@@ -104,10 +104,10 @@ class Relay:
         for task in late:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for queue in await self.outbox.stats():
-            if queue.messages:
-                log.info("stopped: %d message(s) for %s kept for the next start", queue.messages,
-                         queue.upstream)
+        for waiting in await self.outbox.stats():
+            if waiting.messages:
+                log.info("stopped: %d message(s) for %s kept for the next start",
+                         waiting.messages, waiting.upstream)
 
     def hangup(self) -> None:
         """SIGHUP: the config file is loaded again (relay started from a file always is)."""
@@ -115,6 +115,12 @@ class Relay:
             log.warning("reload: relay runs without a config file; SIGHUP changes nothing")
         else:
             self.reloader.ask()
+
+    async def queue_stats(self) -> list[inventory.QueueStats]:
+        """Each upstream's queue; with workers, of every worker's file."""
+        if self.config.workers == 1:
+            return await self.outbox.stats()
+        return await queue.stats(self.config)
 
     def apply(self, config: Config) -> None:
         """Takes the rules and write keys of a reloaded config; the next message uses them."""
@@ -135,7 +141,7 @@ class Relay:
             for u in config.upstreams
         )
         log.info("relay: listening on %s; storage %s; write keys %s; %d rule(s); upstreams: %s",
-                 config.listen, config.storage.path, keys, len(config.rules), ups)
+                 config.listen, config.database, keys, len(config.rules), ups)
         for note in config.warnings:
             log.warning("%s", note)
 
@@ -245,7 +251,7 @@ async def _admin_queue(request: web.Request) -> web.Response:
     if not _authorized(request):
         return _unauthorized()
     relay = request.app[RELAY]
-    queues = await relay.outbox.stats()
+    queues = await relay.queue_stats()
     paused = {f.upstream.name: f.paused for f in relay.forwarders}
     return web.json_response({"upstreams": [
         {**q.as_dict(), "paused": paused.get(q.upstream, False)} for q in queues]})
@@ -257,7 +263,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    body = relay.metrics.render(await relay.outbox.stats())
+    body = relay.metrics.render(await relay.queue_stats())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sqlite3
 import sys
 from collections.abc import Sequence
 
-from relay import config, logs, queue_commands, report, salvage, server, trial
+from relay import config, logs, outboxes, queue_commands, report, salvage, server, trial, workers
 from relay.protocol import PayloadError
 from relay.redis_store import FAILURES
 
@@ -132,11 +133,19 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
-    logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format)
+    worker = workers.worker_number()
+    logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format, worker)
+    if loaded.workers > 1 and worker is None:
+        argv = ["serve", "--config", args.config, "--log-format", args.log_format]
+        return workers.Supervisor(loaded, argv).run()
+    if worker is not None:
+        loaded = dataclasses.replace(loaded, worker=worker)
+    else:
+        outboxes.merge_leftovers(loaded)
     try:
         server.run(loaded)
     except sqlite3.DatabaseError as exc:
-        print(f"relay: cannot open storage {loaded.storage.path}: {exc}\n"
+        print(f"relay: cannot open storage {loaded.database}: {exc}\n"
               "  Nothing was changed. Keep a copy of the file; then either copy what is still"
               f" readable into a new file (relay salvage --config {args.config} --to NEW.db) and"
               " move that into place, or move the file away to start with an empty queue.",

@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -218,7 +219,17 @@ class Config(_Listening):
     limits: Limits = Limits()
     rules: tuple[Step, ...] = dataclasses.field(default=(), metadata={"yaml": False})
     file: str = dataclasses.field(default="", metadata={"yaml": False})
+    worker: int = dataclasses.field(default=1, metadata={"yaml": False})  # this process's
     warnings: tuple[str, ...] = dataclasses.field(default=(), metadata={"yaml": False})
+
+    @property
+    def database(self) -> str:
+        """This process's SQLite file: `storage.path`, or with workers the worker's own
+        (`relay.outboxes`)."""
+        if self.worker == 1:
+            return self.storage.path
+        base = Path(self.storage.path)
+        return str(base.with_name(f"{base.stem}.w{self.worker}{base.suffix}"))
 
     def __post_init__(self) -> None:
         if self.workers > 1 and self.state.backend != "redis":

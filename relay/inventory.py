@@ -41,6 +41,19 @@ async def stats(conn: aiosqlite.Connection, upstreams: Sequence[str]) -> list[Qu
     return out
 
 
+def together(each: Sequence[Sequence[QueueStats]]) -> list[QueueStats]:
+    """The stats of several files (workers') as one: counts and bytes added, the oldest age."""
+    out: dict[str, QueueStats] = {}
+    for stats_of_one in each:
+        for q in stats_of_one:
+            seen = out.get(q.upstream)
+            out[q.upstream] = q if seen is None else QueueStats(
+                q.upstream, seen.messages + q.messages, seen.bytes + q.bytes,
+                max(seen.oldest_age_seconds, q.oldest_age_seconds),
+                seen.dead_letters + q.dead_letters)
+    return list(out.values())
+
+
 async def stored_bytes(conn: aiosqlite.Connection) -> int:
     """The bytes of every waiting message, all upstreams together."""
     rows = list(await conn.execute_fetchall("SELECT coalesce(sum(length(body)), 0) FROM outbox"))

@@ -42,8 +42,9 @@ def _capped(record: logging.LogRecord, trace: str | None) -> logging.LogRecord:
 class HumanFormatter(logging.Formatter):
     """`time LEVEL message`, with the traceback (if any) below it."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
+    def __init__(self, worker: int | None = None) -> None:
+        who = "" if worker is None else f"[worker {worker}] "
+        super().__init__(f"%(asctime)s %(levelname)s {who}%(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         trace = self.formatException(record.exc_info) if record.exc_info else record.exc_text
@@ -51,12 +52,17 @@ class HumanFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message (and the traceback, if any)."""
+    """One JSON object a line: time, level, logger, message (and the traceback, if any), and
+    the worker's number when relay runs several."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         trace = self.formatException(record.exc_info) if record.exc_info else record.exc_text
         capped = _capped(record, trace)
-        line = {
+        line: dict[str, object] = {
             "time": clock.iso(clock.datetime_of(record.created)),
             "level": record.levelname.lower(),
             "logger": record.name,
@@ -64,13 +70,15 @@ class JsonFormatter(logging.Formatter):
         }
         if capped.exc_text:
             line["error"] = capped.exc_text
+        if self.worker is not None:
+            line["worker"] = self.worker
         return json.dumps(line, ensure_ascii=False)
 
 
-def configure(level: str, fmt: Format) -> None:
-    """Sends every logger's lines to stderr in `fmt`."""
+def configure(level: str, fmt: Format, worker: int | None = None) -> None:
+    """Sends every logger's lines to stderr in `fmt`; a worker's say which it is."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else HumanFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

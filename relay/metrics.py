@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -42,13 +43,14 @@ class Metrics:
             "relay_batch_messages", "Messages per batch sent", registry=self.registry,
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500))
         self.connections_open = Gauge("relay_connections_open", "Client connections open",
-                                      registry=self.registry)
+                                      registry=self.registry, multiprocess_mode="livesum")
         self.connections_held = Gauge(
             "relay_connection_held_bytes", "Bytes of requests relay holds for its client"
             " connections: bodies being read and answered, bytes kept for a handover",
-            registry=self.registry)
+            registry=self.registry, multiprocess_mode="livesum")
         self.store_up = Gauge("relay_state_store_up", "1 while the shared state store (Redis)"
-                              " answers, 0 while it does not", registry=self.registry)
+                              " answers, 0 while it does not (with workers: while every worker"
+                              " finds it so)", registry=self.registry, multiprocess_mode="livemin")
         self.store_seconds = Histogram(
             "relay_state_store_seconds", "Round trips of the reads of user state from Redis",
             registry=self.registry,
@@ -68,7 +70,9 @@ class Metrics:
         return PromCounter(f"relay_{name}", text, labels, registry=self.registry)
 
     def _gauge(self, name: str, text: str) -> Gauge:
-        return Gauge(f"relay_{name}", f"{text}, by upstream", ["upstream"], registry=self.registry)
+        # With workers, the one scraped reads every worker's queue: its values are the ones.
+        return Gauge(f"relay_{name}", f"{text}, by upstream", ["upstream"], registry=self.registry,
+                     multiprocess_mode="livemostrecent")
 
     def record(self, tally: Tally) -> None:
         """Adds a stored request's tally: ("received", type, ""), ("changed", rule, ""),
@@ -103,4 +107,9 @@ class Metrics:
         opened, held = self.connections()
         self.connections_open.set(opened)
         self.connections_held.set(held)
-        return generate_latest(self.registry)
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()  # with workers: all of them, added up
+        multiprocess.MultiProcessCollector(every_worker, folder)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)

@@ -8,6 +8,7 @@ relay's own commits wait milliseconds, not the length of the whole run).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from relay import clock, inventory
+from relay import clock, inventory, outboxes
 from relay.config import Config
 from relay.ingest import mask
 from relay.inventory import QueueStats
@@ -40,7 +41,8 @@ _USER = ("(user_key = :user OR CASE WHEN json_valid(body) THEN"
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """One dead letter as operators see it: the write key masked, the message read."""
+    """One dead letter as operators see it: the write key masked, the message read; `worker`
+    is whose file holds it (1 unless relay runs several)."""
 
     id: int
     upstream: str
@@ -54,9 +56,16 @@ class DeadLetter:
     status: int
     answer: str
     message: dict[str, Any] | None = None
+    worker: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """The id operators give `dead show`: `ID`, or `WORKER:ID` for a worker after the
+        first."""
+        return str(self.id) if self.worker == 1 else f"{self.worker}:{self.id}"
 
 
 @dataclass(frozen=True)
@@ -76,9 +85,14 @@ class Purged:
 
 
 async def stats(config: Config) -> list[QueueStats]:
-    """Each upstream's queue: waiting messages, bytes, the oldest one's age, dead letters."""
-    async with connect(config.storage.path) as conn:
-        return await inventory.stats(conn, [u.name for u in config.upstreams])
+    """Each upstream's queue: waiting messages, bytes, the oldest one's age, dead letters (with
+    workers, of all their files together)."""
+    names = [u.name for u in config.upstreams]
+    each: list[list[QueueStats]] = []
+    for _, path in files(config):
+        async with connect(path) as conn:
+            each.append(await inventory.stats(conn, names))
+    return inventory.together(each)
 
 
 async def paused(config: Config) -> dict[str, bool] | None:
@@ -101,20 +115,37 @@ async def paused(config: Config) -> dict[str, bool] | None:
 
 async def dead_list(config: Config, upstream: str | None = None, since: str | None = None,
                     limit: int = 100) -> DeadList:
-    """The oldest `limit` dead letters of `upstream` (else all) that failed since `since`."""
+    """The oldest `limit` dead letters of `upstream` (else all) that failed since `since`,
+    worker by worker."""
     where, args = dead_filter(upstream, since)
-    async with connect(config.storage.path) as conn:
-        total = await scalar(conn, f"SELECT count(*) FROM dead_letters WHERE {where}", args)
-        rows = await conn.execute_fetchall(
-            f"{DEAD} WHERE {where} ORDER BY id LIMIT ?", [*args, limit])
-    return DeadList([_letter(row, with_message=False) for row in rows], total)
+    letters: list[DeadLetter] = []
+    total = 0
+    for worker, path in files(config):
+        async with connect(path) as conn:
+            total += await scalar(conn, f"SELECT count(*) FROM dead_letters WHERE {where}", args)
+            rows = await conn.execute_fetchall(
+                f"{DEAD} WHERE {where} ORDER BY id LIMIT ?", [*args, limit - len(letters)])
+        letters += [_letter(row, with_message=False, worker=worker) for row in rows]
+    return DeadList(letters[:limit], total)
 
 
-async def dead_show(config: Config, dead_id: int) -> DeadLetter | None:
-    """One dead letter with its whole message, or None when there is no such id."""
-    async with connect(config.storage.path) as conn:
-        rows = list(await conn.execute_fetchall(f"{DEAD} WHERE id = ?", (dead_id,)))
-    return _letter(rows[0], with_message=True) if rows else None
+async def dead_show(config: Config, label: str) -> DeadLetter | None:
+    """One dead letter (`ID`, or `WORKER:ID`) with its whole message, or None when there is no
+    such one."""
+    worker, _, dead_id = label.rpartition(":")
+    number = int(worker) if worker.isdigit() else 1
+    found = dict(files(config)).get(number)
+    if not dead_id.isdigit() or (worker and not worker.isdigit()) or found is None:
+        return None
+    async with connect(found) as conn:
+        rows = list(await conn.execute_fetchall(f"{DEAD} WHERE id = ?", (int(dead_id),)))
+    return _letter(rows[0], with_message=True, worker=number) if rows else None
+
+
+def files(config: Config) -> list[tuple[int, str]]:
+    """(worker, file) of each worker's file that exists; worker 1's whether or not (so that a
+    missing one is said to be missing, as for any command)."""
+    return [(w, p) for w, p in outboxes.paths(config) if w == 1 or os.path.exists(p)]
 
 
 async def purge_user(config: Config, user_id: str, progress: Progress = silent) -> Purged:
@@ -125,30 +156,34 @@ async def purge_user(config: Config, user_id: str, progress: Progress = silent) 
     if not user_id:
         raise QueueError("the user id must not be empty")
     result = Purged()
-    async with connect(config.storage.path) as conn:
-        await conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left
-        found = {"user": user_id}
-        total = 0
-        for table in ("outbox", "dead_letters"):
-            total += await scalar(conn, f"SELECT count(*) FROM {table} WHERE {_USER}", found)
-        progress(0, total)
-        done = 0
-        for table, removed in (("outbox", result.messages),
-                               ("dead_letters", result.dead_letters)):
-            sql = f"SELECT id FROM {table} WHERE id > :after AND {_USER} ORDER BY id LIMIT {CHUNK}"
-            last = 0
-            while ids := [int(row[0]) for row in await conn.execute_fetchall(
-                    sql, {**found, "after": last})]:
-                last, done = ids[-1], done + len(ids)
-                async with transaction(conn):
-                    gone = await conn.execute_fetchall(
-                        f"DELETE FROM {table} WHERE id IN ({marks(ids)}) RETURNING upstream", ids)
-                removed.update(str(row[0]) for row in gone)
-                progress(done, total)
+    for _, path in files(config):
+        async with connect(path) as conn:
+            await _purge(conn, user_id, result, progress)
     return result
 
 
-def _letter(row: Sequence[Any], with_message: bool) -> DeadLetter:
+async def _purge(conn: Any, user_id: str, result: Purged, progress: Progress) -> None:
+    await conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left
+    found = {"user": user_id}
+    total = 0
+    for table in ("outbox", "dead_letters"):
+        total += await scalar(conn, f"SELECT count(*) FROM {table} WHERE {_USER}", found)
+    progress(0, total)
+    done = 0
+    for table, removed in (("outbox", result.messages), ("dead_letters", result.dead_letters)):
+        sql = f"SELECT id FROM {table} WHERE id > :after AND {_USER} ORDER BY id LIMIT {CHUNK}"
+        last = 0
+        while ids := [int(row[0]) for row in await conn.execute_fetchall(
+                sql, {**found, "after": last})]:
+            last, done = ids[-1], done + len(ids)
+            async with transaction(conn):
+                gone = await conn.execute_fetchall(
+                    f"DELETE FROM {table} WHERE id IN ({marks(ids)}) RETURNING upstream", ids)
+            removed.update(str(row[0]) for row in gone)
+            progress(done, total)
+
+
+def _letter(row: Sequence[Any], with_message: bool, worker: int = 1) -> DeadLetter:
     dead_id, upstream, key, user, body, enqueued, failed, status, answer = row
     message = loads(body) or {}
 
@@ -157,7 +192,7 @@ def _letter(row: Sequence[Any], with_message: bool) -> DeadLetter:
 
     return DeadLetter(dead_id, upstream, mask(key), user, said("messageId"), said("type"),
                       said("event"), iso(enqueued), iso(failed), status, answer,
-                      message if with_message else None)
+                      message if with_message else None, worker)
 
 
 def iso(moment: float) -> str:

@@ -44,7 +44,7 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser], default: str) 
                          " or after T: an ISO-8601 time, or an age like 30m, 2h, 7d")
     listing.add_argument("--limit", type=_positive, default=100, help="at most N (default 100)",
                          metavar="N")
-    show.add_argument("id", type=int, help="the dead letter's id (from dead list)")
+    show.add_argument("id", help="the dead letter's id (from dead list): ID, or WORKER:ID")
     purge.add_argument("--user", required=True, metavar="ID", help="the userId or anonymousId")
 
 
@@ -123,7 +123,7 @@ def _dead_list(args: argparse.Namespace, loaded: config.Config) -> int:
         print("\n".join(_table(
             ["ID", "UPSTREAM", "FAILED AT", "STATUS", "TYPE", "EVENT", "MESSAGE ID", "USER",
              "ANSWER"],
-            [[str(d.id), d.upstream, d.failed_at, str(d.status), d.type or "-", d.event or "-",
+            [[d.label, d.upstream, d.failed_at, str(d.status), d.type or "-", d.event or "-",
               d.message_id or "-", d.user or "-", d.answer] for d in found.letters])))
         if found.total > len(found.letters):
             print(f"({len(found.letters)} of {found.total} shown; see --limit)")
@@ -139,7 +139,7 @@ def _dead_show(args: argparse.Namespace, loaded: config.Config) -> int:
         print(f"relay queue dead show: no dead letter {args.id}", file=sys.stderr)
         return 1
     print("\n".join([
-        f"dead letter {letter.id}",
+        f"dead letter {letter.label}",
         f"  upstream:    {_short(letter.upstream, 500)}",
         f"  write key:   {letter.write_key}",
         f"  user:        {_short(letter.user, 500) or '-'}",

@@ -18,7 +18,7 @@ log = logging.getLogger("relay.reload")
 
 Apply = Callable[[Config], None]
 # What a reload changes in a running relay; any other difference needs a restart.
-LIVE = frozenset({"rules", "write_keys", "on_rule_error", "file", "warnings"})
+LIVE = frozenset({"rules", "write_keys", "on_rule_error", "file", "warnings", "worker"})
 
 
 class Reloader:

@@ -10,11 +10,14 @@ from typing import Any
 
 import aiosqlite
 
-from relay import inventory, protocol
+from relay import identity, inventory, protocol, queue
 from relay import queue_db as db
 from relay.config import Config
+from relay.metrics import Metrics
 from relay.pipeline import Pipeline, RuleContext
 from relay.progress import Progress, silent
+from relay.redis_store import RedisStore
+from relay.shared_state import SharedState
 from relay.state import SqliteState
 
 _INSERT = ("INSERT INTO outbox (upstream, write_key, user_key, body, enqueued_at)"
@@ -47,32 +50,54 @@ async def dead_replay(config: Config, upstream: str | None = None, since: str | 
     names = [u.name for u in config.upstreams]
     if upstream is not None and upstream not in names:
         raise db.QueueError(f"upstream {upstream!r} is not in the config ({', '.join(names)})")
+    result = Replayed()
+    for _, path in queue.files(config):  # each worker's dead letters back into its own outbox
+        if not result.full:
+            await _replay_file(config, path, upstream, since, result=result, progress=progress)
+    return result
+
+
+async def _replay_file(config: Config, path: str, upstream: str | None, since: str | None, *,
+                       result: Replayed, progress: Progress) -> None:
+    names = [u.name for u in config.upstreams]
     where, args = db.dead_filter(upstream, since)
     marks = ", ".join("?" * len(names))
-    result = Replayed()
-    async with db.connect(config.storage.path) as conn:
-        result.unknown_upstreams = {str(name): int(n) for name, n in await conn.execute_fetchall(
+    async with db.connect(path) as conn:
+        unknown = await conn.execute_fetchall(
             f"SELECT upstream, count(*) FROM dead_letters WHERE {where}"
-            f" AND upstream NOT IN ({marks}) GROUP BY upstream ORDER BY upstream", [*args, *names])}
+            f" AND upstream NOT IN ({marks}) GROUP BY upstream ORDER BY upstream",
+            [*args, *names])
+        result.unknown_upstreams.update({str(name): int(n) for name, n in unknown})
         where, args = f"{where} AND upstream IN ({marks})", [*args, *names]
-        result.selected = await db.scalar(
-            conn, f"SELECT count(*) FROM dead_letters WHERE {where}", args)
-        state = SqliteState(config.storage.path, config.storage.cache_size)
+        selected = await db.scalar(conn, f"SELECT count(*) FROM dead_letters WHERE {where}", args)
+        result.selected += selected
+        state = _state(config, path)
         await state.open()
         try:
             replay = _Replay(conn, Pipeline(config.rules, config.on_rule_error), state,
                              config.storage.max_bytes, result)
             sql = f"{db.DEAD} WHERE id > ? AND {where} ORDER BY id LIMIT {db.CHUNK}"
             last = done = 0
-            progress(0, result.selected)
+            progress(0, selected)
             while not result.full and (rows := await conn.execute_fetchall(sql, [last, *args])):
                 rows = list(rows)
                 last, done = rows[-1][0], done + len(rows)
                 await replay.chunk(rows)
-                progress(done, result.selected)
+                progress(done, selected)
         finally:
             await state.close()
-    return result
+            if isinstance(state, SharedState):
+                await state.store.close()
+
+
+def _state(config: Config, path: str) -> SqliteState:
+    """The rules' state for a replay into `path`: with the redis backend, what Redis holds is
+    read before each chunk, and what the rules change goes into the file's journal, which the
+    running relay sends on."""
+    if config.state.backend != "redis":
+        return SqliteState(path, config.storage.cache_size)
+    store = RedisStore(config.state, Metrics())
+    return SharedState(path, store, config.storage.cache_size, config.state.cache_ms)
 
 
 class _Full(Exception):
@@ -91,6 +116,9 @@ class _Replay:
 
     async def chunk(self, rows: Sequence[Any]) -> None:
         ctx = RuleContext(state=self.state, route="")
+        if isinstance(self.state, SharedState):  # without an answer: decided from this file's
+            await self.state.prefetch(  # own state, as relay does
+                [ref for row in rows for ref in identity.refs(db.loads(row[4]) or {})])
         kept: dict[int, tuple[str, str, str, str]] = {}
         dropped: dict[int, str] = {}
         for row in rows:

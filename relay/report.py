@@ -1,7 +1,7 @@
 """`relay report`: what the rules saw: users in several groups, internal users, rule counts.
 
 With `state.backend: redis` the users come from Redis, so the report covers every relay sharing
-it; the rule counts are this relay's (its own database's)."""
+it; the rule counts are this relay's (its database's, with workers all of theirs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import aiosqlite
 
+from relay import outboxes
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.redis_store import RedisStore
@@ -21,6 +22,10 @@ async def build(config: Config, store: RedisStore | None = None) -> dict[str, An
     and, with the redis backend, the users from Redis (through `store`, or a client of its own).
     """
     built = await _from_sqlite(config.storage.path)
+    for worker, path in outboxes.paths(config):  # with workers: every worker's counts
+        if worker > 1 and os.path.exists(path):  # noqa: ASYNC240 (one look per worker)
+            for name, n in (await _from_sqlite(path))["counters"].items():
+                built["counters"][name] = built["counters"].get(name, 0) + n
     if config.state.backend != "redis":
         return built
     own = store is None

@@ -108,7 +108,8 @@ class Listener:
         relay.metrics.connections = door.held
         self.server = await asyncio.get_running_loop().create_server(
             lambda: connections.protocol(lambda: front.Front(door)), self.config.host,
-            self.config.port if port is None else port, backlog=128)
+            self.config.port if port is None else port, backlog=128,
+            reuse_port=self.config.workers > 1 or None)
         self._sweeper = asyncio.create_task(_sweep(door), name="sweep-connections")
         if self.config.admin.listen:
             await self._start_admin(admin_port)
@@ -120,7 +121,7 @@ class Listener:
                                    **server_options(self.config.limits))
         await self.admin.setup()
         site = web.TCPSite(self.admin, admin.host, admin.port if port is None else port,
-                           backlog=16)
+                           backlog=16, reuse_port=self.config.workers > 1 or None)
         await site.start()
 
     @property

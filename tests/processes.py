@@ -107,6 +107,17 @@ class RelayProcess:
             return []
         return [int(child) for child in children if alive_as(int(child), "relay.writer_child")]
 
+    def serving_pids(self) -> list[int]:
+        """The pids of relay's worker processes (with `workers` above 1: its `relay serve`
+        children)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(child) for child in children if alive_as(int(child), "serve")]
+
     def kill_and_wait(self) -> int:
         """SIGKILL, then the exit status once it is gone."""
         assert self.proc is not None

@@ -192,7 +192,8 @@ async def test_dead_letters_are_listed_shown_and_replayed_through_the_current_ru
              "message_id": f"poison-{n}", "type": "track",
              "event": ["Clicked", "Dropped Later"][n - 1], "enqueued_at": queue.iso(enqueued),
              "failed_at": queue.iso(failed), "status": 400,
-             "answer": '{"code":"invalid","message":"bad message"}', "message": None}
+             "answer": '{"code":"invalid","message":"bad message"}', "message": None,
+             "worker": 1}
             for n, (row_id, _, enqueued, failed) in enumerate(dead, 1)]}
 
         code, text, err = await run_cli("dead", "list", "--since", "1h", "--config", path)

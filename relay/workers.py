@@ -88,8 +88,8 @@ class Supervisor:
                     continue
                 del self.workers[number]
                 _forget_metrics(self.metrics, proc.pid)
-                if self.stopping:
-                    codes.append(code)
+                if self.stopping:  # one asked to stop before it could handle it ended so
+                    codes.append(0 if code == -signal.SIGTERM else code)
                 else:
                     self._died(number, code)
         return codes

@@ -146,7 +146,10 @@ def main() -> None:
             answer: tuple[Any, ...] = ("ok", connection.serve(request))
         except Exception as exc:
             answer = ("error", type(exc).__name__, str(exc))
-        answers.writelines(frame(answer))
+        try:
+            answers.writelines(frame(answer))
+        except BrokenPipeError:  # relay is gone (it stopped, or was killed): so is its answer
+            break
         if request[0] == "close":
             break
     connection.close()

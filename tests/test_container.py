@@ -401,8 +401,9 @@ def test_dockerfile_is_clean_under_hadolint():
 
 
 def test_deploy_files_match_the_image(image: Image, tmp_path: Path):
-    """The compose file and the Kubernetes manifest use the image's paths, port, user and health
-    check, and the ConfigMap's relay.yaml is a valid config."""
+    """The compose files and the Kubernetes manifest use the image's paths, port, user and health
+    check, the ConfigMap's relay.yaml is a valid config sharing state through Redis (its URL from
+    a Secret), and the compose file of several relays gives each relay its own volume."""
     compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
     relay = compose["services"]["relay"]
     assert relay["healthcheck"]["test"] == ["CMD", *image.healthcheck]
@@ -428,6 +429,18 @@ def test_deploy_files_match_the_image(image: Image, tmp_path: Path):
     assert configmap["metadata"]["name"] == config_volume["configMap"]["name"]
     path = tmp_path / config_name
     path.write_text(configmap["data"][config_name])
-    secret_env = {e["name"]: "wk" for e in sidecar.get("env", [])
-                  if "secretKeyRef" in e.get("valueFrom", {})}
-    config.load(str(path), env={**image.env, **secret_env})  # raises ConfigError with every line
+    secret_env = {e["name"]: "redis://redis:6379/0" if e["name"].endswith("URL") else "wk"
+                  for e in sidecar.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"SEGMENT_WRITE_KEY", "REDIS_URL"} <= set(secret_env)
+    loaded = config.load(str(path), env={**image.env, **secret_env})  # ConfigError if invalid
+    assert loaded.state.backend == "redis"
+
+    several = yaml.safe_load((REPO / "deploy" / "docker-compose.several.yml").read_text())
+    relays = [s for name, s in several["services"].items() if name.startswith("relay")]
+    assert len(relays) == 2
+    for each in relays:
+        assert each["healthcheck"]["test"] == ["CMD", *image.healthcheck]
+        assert image.env["RELAY_CONFIG"] in {v["target"] for v in each["volumes"]}
+        assert each["environment"]["REDIS_URL"].startswith("redis://redis:")
+    assert {v["source"] for r in relays for v in r["volumes"] if v["type"] == "volume"} == \
+        {"relay-1-data", "relay-2-data"}  # each relay its own outbox

@@ -10,14 +10,16 @@ from relay.rules.one_group_per_user import current_group
 from relay.schema import FieldError
 from relay.state import State, anon_ref, user_ref
 
-_LINKS = {"identify": "anonymousId", "alias": "previousId"}
-
 
 @dataclass(frozen=True)
 class DropInternalUsers:
     """A user is internal when listed in `user_ids` or seen with an email at one of
     `email_domains` (or a subdomain); the verdict is remembered for their userId and linked
-    anonymousIds. Their messages are dropped unless they act in one of `own_groups`."""
+    anonymousIds. Their messages are dropped unless they act in one of `own_groups`.
+
+    An anonymousId is linked to the userId it comes with on any message (and an alias links its
+    previousId): whatever order a user's calls arrive in, the same ids end up internal, which
+    is what lets several relays end where one would."""
 
     email_domains: tuple[str, ...] = ()
     user_ids: tuple[str, ...] = ()
@@ -66,7 +68,7 @@ class DropInternalUsers:
         if self._verdict(message, user_id) is not None:
             return LATER
         state = ctx.state
-        if kind == "identify" and user_id is not None and anonymous_id is not None \
+        if user_id is not None and anonymous_id is not None \
                 and not state.link_now(anonymous_id, user_id):
             return LATER
         refs = [user_ref(user_id)] if user_id is not None else []
@@ -86,9 +88,9 @@ class DropInternalUsers:
         return None
 
     async def _link(self, message: Message, state: State) -> None:
-        kind = message.get("type")
         user_id = identity.text_id(message.get("userId"))
-        other = identity.text_id(message.get(_LINKS[kind])) if kind in _LINKS else None
+        key = "previousId" if message.get("type") == "alias" else "anonymousId"
+        other = identity.text_id(message.get(key))
         if user_id is not None and other is not None:
             await state.link(other, user_id)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from bench import services, wrk
 from bench.loads import Generator, RunResult, Shape
@@ -52,6 +53,9 @@ class Bench:
     nginx_note: str = ""
     urls: dict[str, str] = field(default_factory=dict)
     relay: Proc | None = None
+    relay_config: dict[str, Any] = field(default_factory=dict)  # the benchmark relay's config
+    pids: dict[str, int] = field(default_factory=dict)  # each relay target's process
+    notes: list[str] = field(default_factory=list)
     vendor_control: str = ""
     session: aiohttp.ClientSession | None = None
     _tags: itertools.count[int] = field(default_factory=itertools.count)
@@ -72,7 +76,7 @@ class Bench:
         """A new run's tag, letters and digits only (the vendor splits messageIds on '-'); the
         vendor is told to watch relay's, to check their delivery."""
         tag = f"{scenario}{next(self._tags)}{''.join(c for c in target if c.isalnum())}"
-        if target == RELAY:
+        if target.startswith(RELAY):
             await self.vendor("POST", "/watch", params={"tag": tag})
         return tag
 
@@ -171,6 +175,8 @@ def start(procs: Procs, install: bool, use_wrk: bool) -> Bench:
     bench.vendor_control = f"http://{HOST}:{control}"
     port = services.free_port()
     bench.relay = services.start_relay(procs, procs.workdir, port, vendor_port)
+    bench.relay_config = yaml.safe_load((procs.workdir / "relay.yaml").read_text())
+    bench.pids[RELAY] = bench.relay.popen.pid
     bench.urls[RELAY] = f"http://{HOST}:{port}"
     port = services.free_port()
     services.wait_port(services.python_server(procs, "parse", port), port)

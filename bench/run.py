@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
-from bench import backlog, harness, report, scenarios, services
+from bench import backends, backlog, harness, report, scenarios, services
 from bench.harness import RELAY, Bench, Undelivered
 from bench.scenarios import Figure, Plan, say
 
@@ -69,6 +69,7 @@ async def scenarios_all(bench: Bench, plan: Plan) -> dict[str, Figure]:
     figures["latency"] = await scenarios.latency(bench, plan, figures["track"].median(RELAY))
     figures["outage"] = await backlog.outage(bench, plan, figures["batch"])
     figures["backlog"] = await backlog.million(bench, plan, figures["batch"])
+    figures.update(await backends.several(bench, plan))
     return figures
 
 
@@ -112,7 +113,8 @@ def write(figures: dict[str, Figure], bench: Bench, plan: Plan, *, out: Path | N
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png") if out else bench.procs.workdir / "results.png"
-    drawn = report.chart(figures, bench.baselines, png)
+    drawn = report.chart({k: f for k, f in figures.items() if k in report.LABELS},
+                         bench.baselines, png)
     if not drawn:
         notes.append("no chart: matplotlib is not installed (pip install matplotlib)")
     info = {
@@ -152,7 +154,7 @@ async def run(args: argparse.Namespace, procs: services.Procs, started: float) -
             raise Undelivered(f"relay's queue is not empty at the end: {queue}")
         if not queue:
             notes.append("relay's /metrics did not answer: its queue was not checked at the end")
-    notes += relay_notes(figures)
+    notes += bench.notes + relay_notes(figures)
     notes.append("every message relay answered 200 for reached the fake vendor, in every run")
     out = args.out or (None if plan.quick else Path(__file__).parent / "results.md")
     write(figures, bench, plan, out=out, started=started, load_before=load_before,

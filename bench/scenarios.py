@@ -41,6 +41,7 @@ class Figure:
     title: str
     unit: str
     higher_is_better: bool
+    name: str = RELAY  # the target judged against the others (bench.backends: another relay)
     relay: list[float] = field(default_factory=list)
     baselines: dict[str, list[float]] = field(default_factory=dict)
     baseline_note: str = ""  # where the baselines' figures come from, when not this scenario
@@ -49,13 +50,13 @@ class Figure:
     numbers: dict[str, float] = field(default_factory=dict)  # figures the targets read
 
     def median(self, target: str) -> float:
-        values = self.relay if target == RELAY else self.baselines.get(target, [])
+        values = self.relay if target == self.name else self.baselines.get(target, [])
         return statistics.median(values) if values else 0.0
 
     def ratio(self, baseline: str) -> float | None:
         """relay's median ÷ the baseline's."""
         base = self.median(baseline)
-        return self.median(RELAY) / base if base else None
+        return self.median(self.name) / base if base else None
 
 
 def say(text: str) -> None:
@@ -78,7 +79,7 @@ def rotation(targets: list[str], round_index: int) -> list[str]:
 
 async def checked(bench: Bench, run: RunResult) -> Delivery | None:
     """For relay's runs: waits until the vendor has all it accepted (raises if it does not)."""
-    if run.target != RELAY:
+    if not run.target.startswith(RELAY):
         return None
     return await bench.delivered(run, seconds=max(30.0, run.accepted / 2000))
 

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -33,10 +33,9 @@ FAILURES = (RedisError, OSError, TimeoutError)
 APPLY_SECONDS = 2.0
 
 
-@dataclass(frozen=True)
-class Fetched:
+class Fetched(NamedTuple):
     """What Redis holds about one ref: its current group (None), when it became so, and its
-    internal verdict's reason (None when not internal)."""
+    internal verdict's reason (None when not internal). A tuple: one is made per user fetched."""
 
     group: str | None
     at: str | None
@@ -106,8 +105,8 @@ class RedisStore:
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             self.came_back()
             self.epoch = reply[0] or None
-            found = {ref: Fetched(*(value or None for value in reply[1 + 3 * n:4 + 3 * n]))
-                     for n, ref in enumerate(refs)}
+            found = {ref: Fetched(reply[n], reply[n + 1], reply[n + 2])
+                     for n, ref in zip(range(1, 3 * len(refs), 3), refs, strict=True)}
         except FAILURES as exc:
             self.went_down(exc)
         finally:

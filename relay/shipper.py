@@ -23,6 +23,10 @@ from relay.writer import Statement
 log = logging.getLogger("relay.state")
 
 PROBE_SECONDS = 1.0
+# After a commit wakes it, how long the shipper lets more commits' journal rows gather before
+# it sends them: one call for many commits (a call per commit doubled the CPU a single event
+# cost relay); the most another relay waits for a change, beside the cache's lifetime.
+GATHER_SECONDS = 0.05
 RETRY_SECONDS = 1.0
 MAX_CALL_BYTES = 256 * 1024  # of ops in one call: a Lua script holds Redis while it runs
 REFILL_ROWS = 2000
@@ -60,6 +64,7 @@ class Shipper:
             if not first:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), PROBE_SECONDS)
+                await asyncio.sleep(GATHER_SECONDS)
             first = False
             self.wake.clear()
             try:

@@ -15,6 +15,7 @@ from relay import identity, protocol
 from relay.metrics import Metrics
 from relay.protocol import Message
 from relay.shared_state import SharedState
+from relay.state import user_ref
 
 Ready = list[tuple[Message, str | None]]
 
@@ -23,13 +24,13 @@ async def fetched(shared: SharedState, ready: Ready, key: str, route: str,
                   metrics: Metrics) -> Ready:
     """`ready`'s messages whose rules may run now, once what the store holds about their users
     is fetched in one call; the others are held (their rows ride in the request's commit)."""
-    refs_of = [identity.refs(message) for message, _ in ready]
-    flat = [ref for refs in refs_of for ref in refs]
+    flat = request_refs(ready)
     answered = not flat or await shared.prefetch(flat)
     if not shared.hold or (answered and not shared.held_refs):
         if not answered:
             metrics.without_store.labels("decided").inc(len(ready))
         return ready
+    refs_of = [identity.refs(message) for message, _ in ready]
     now: Ready = []
     for (message, sent), refs in zip(ready, refs_of, strict=True):
         if refs and (not answered or not shared.held_refs.isdisjoint(refs)):
@@ -39,3 +40,17 @@ async def fetched(shared: SharedState, ready: Ready, key: str, route: str,
     if len(now) < len(ready):
         metrics.without_store.labels("held").inc(len(ready) - len(now))
     return now
+
+
+def request_refs(ready: Ready) -> list[str]:
+    """Every ref of `ready`'s messages. A message with a userId alone (most of them) is read
+    here without `identity.refs`'s calls: that pass cost ~1 µs a message of the main thread."""
+    out: list[str] = []
+    for message, _ in ready:
+        user_id = message.get("userId")
+        if user_id.__class__ is str and user_id and "anonymousId" not in message \
+                and "previousId" not in message:
+            out.append(user_ref(user_id))
+        else:
+            out += identity.refs(message)
+    return out

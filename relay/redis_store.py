@@ -10,12 +10,14 @@ would wait on a request's time.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -100,8 +102,7 @@ class RedisStore:
         found: dict[str, Fetched] | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                reply = await self._fetch(keys=[self.prefix + r for r in refs],
-                                          args=[self.prefix + "epoch"])
+                reply = await self._fetch(args=[self.prefix, dumps(refs)])
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             self.came_back()
             self.epoch = reply[0] or None
@@ -168,3 +169,12 @@ class RedisStore:
 def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def dumps(values: list[Any]) -> str:
+    """Ops or refs as JSON for Redis's cjson; ids that are no valid UTF-8 (lone surrogates,
+    which JSON allows) go as they are, as the keys relay sends them do."""
+    try:
+        return orjson.dumps(values).decode()
+    except TypeError:
+        return json.dumps(values, ensure_ascii=False)

@@ -17,9 +17,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
-
-from relay.redis_store import Fetched, RedisStore
+from relay.redis_store import Fetched, RedisStore, dumps
 from relay.state import MISSING, Cache, Membership, SqliteState, wins
 
 JOURNAL = """
@@ -112,11 +110,3 @@ class SharedState(SqliteState):
         elif ref not in self._internal:
             self._internal.remember(ref, False)
 
-
-def dumps(ops: list[Any]) -> str:
-    """Ops as JSON for Redis's cjson; ids that are no valid UTF-8 (lone surrogates, which JSON
-    allows) go as they are, as the keys relay sends them do."""
-    try:
-        return orjson.dumps(ops).decode()
-    except TypeError:
-        return json.dumps(ops, ensure_ascii=False)

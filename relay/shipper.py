@@ -16,8 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from relay.redis_store import FAILURES, RedisStore
-from relay.shared_state import SharedState, dumps
+from relay.redis_store import FAILURES, RedisStore, dumps
+from relay.shared_state import SharedState
 from relay.writer import Statement
 
 log = logging.getLogger("relay.state")

@@ -43,12 +43,21 @@ UNGROUPED = ("INSERT INTO ungrouped_tracks (ref, count) VALUES (?, ?) ON CONFLIC
               " DO UPDATE SET count = count + excluded.count")
 
 
+def storable(text: str) -> str:
+    """`text` as SQLite and Redis can keep it: JSON allows lone surrogates (`\\ud800`) in ids,
+    UTF-8 does not, so each such one is kept as its bytes' escape (`\\xed\\xa0\\x80`). Clean
+    text is unchanged, so this may be applied twice."""
+    if text.isascii():  # nearly every id: one constant-time test
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+
+
 def user_ref(user_id: str) -> str:
-    return f"u:{user_id}"
+    return f"u:{storable(user_id)}"
 
 
 def anon_ref(anonymous_id: str) -> str:
-    return f"a:{anonymous_id}"
+    return f"a:{storable(anonymous_id)}"
 
 
 class Missing(Enum):
@@ -209,6 +218,7 @@ class SqliteState:
         return self._set_group(ref, current, group_id, at)
 
     def _set_group(self, ref: str, current: Membership | None, group_id: str, at: str) -> bool:
+        group_id = storable(group_id)
         if current is not None and not wins(group_id, at, current):
             return False
         if current != Membership(group_id, at):
@@ -274,6 +284,7 @@ class SqliteState:
         return True
 
     def _tie(self, anonymous_id: str, user_id: str) -> None:
+        anonymous_id, user_id = storable(anonymous_id), storable(user_id)
         if self._links.get(anonymous_id) != user_id:
             self._links.remember(anonymous_id, user_id)
             self._pending.append((_LINK, [(anonymous_id, user_id)]))
@@ -281,6 +292,7 @@ class SqliteState:
 
     def note_member(self, ref: str, group_id: str) -> None:
         """Records that `ref` was seen in `group_id` (for `relay report`)."""
+        group_id = storable(group_id)
         key = f"{ref}\n{group_id}"
         now = time.time()
         if key not in self._members or now - self._members[key] > 60:

@@ -95,6 +95,17 @@ async def stats(config: Config) -> list[QueueStats]:
     return inventory.together(each)
 
 
+async def held(config: Config) -> int:
+    """Messages held with their rules still to run (`state.on_unavailable: hold` while Redis
+    did not answer), of every worker's file."""
+    total = 0
+    for _, path in files(config):
+        async with connect(path) as conn:
+            if await scalar(conn, "SELECT count(*) FROM sqlite_master WHERE name = 'held'", ()):
+                total += await scalar(conn, "SELECT count(*) FROM held", ())
+    return total
+
+
 async def paused(config: Config) -> dict[str, bool] | None:
     """Which upstreams the running relay has paused, from its GET /admin/queue; None when
     `admin.token` is empty or relay does not answer at `admin.listen` (else `listen`)."""

@@ -99,10 +99,11 @@ def _queue_command(func: QueueCommand) -> Callable[[argparse.Namespace], int]:
 def _queue_stats(args: argparse.Namespace, loaded: config.Config) -> int:
     queues = asyncio.run(queue.stats(loaded))
     paused = asyncio.run(queue.paused(loaded))
+    held = asyncio.run(queue.held(loaded))
     rows = [{**q.as_dict(), "paused": None if paused is None else paused.get(q.upstream, False)}
             for q in queues]
     if args.json:
-        print(json.dumps({"upstreams": rows}, indent=2))
+        print(json.dumps({"upstreams": rows, "held": held}, indent=2))
         return 0
     configured = {u.name for u in loaded.upstreams}
     print("\n".join(_table(
@@ -110,6 +111,8 @@ def _queue_stats(args: argparse.Namespace, loaded: config.Config) -> int:
         [[r["upstream"], str(r["messages"]), _size(r["bytes"]), _age(r["oldest_age_seconds"]),
           str(r["dead_letters"]), {True: "yes", False: "no", None: "?"}[r["paused"]]
           + ("" if r["upstream"] in configured else "  (not in the config)")] for r in rows])))
+    if held or loaded.state.on_unavailable == "hold":
+        print(f"held until Redis answers, rules still to run: {held}")
     return 0
 
 

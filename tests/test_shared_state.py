@@ -15,6 +15,7 @@ import yaml
 from conftest import RunningRelay
 from fakes import FakeUpstream
 from redisproc import RedisServer, needs_redis
+from test_queue import run_cli
 
 from relay import config, release, report
 
@@ -281,7 +282,8 @@ async def test_hold_keeps_staff_events_until_redis_answers_then_runs_them_in_ord
     identified) holds their tracks, and a customer's, instead of deciding: nothing reaches the
     vendor. Redis back: B runs them through the rules in order; the staff tracks are dropped,
     the customer's delivered in the order sent, and nothing stays held. Redis came back empty:
-    B waits (here 1 s, REFILL_SECONDS) for A to send what it knows first."""
+    B waits (here 1 s, REFILL_SECONDS) for A to send what it knows first. `relay queue stats`
+    shows what is held."""
     monkeypatch.setattr(release, "REFILL_SECONDS", 1.0)
     async with relays(1, on_unavailable="hold") as a, relays(2, on_unavailable="hold") as b:
         await known(a, b)
@@ -299,6 +301,10 @@ async def test_hold_keeps_staff_events_until_redis_answers_then_runs_them_in_ord
         assert await ready(http, b)
         rows = await b.relay.state.connection.execute_fetchall("SELECT count(*) FROM held")
         assert next(iter(rows))[0] == 10
+        code, out, _ = await run_cli("stats", "--json", "--config", b.config.file)
+        assert (code, json.loads(out)["held"]) == (0, 10)
+        code, out, _ = await run_cli("stats", "--config", b.config.file)
+        assert "rules still to run: 10" in out
         await asyncio.sleep(0.3)
         assert not [m for r in upstream.requests for m in r.body["batch"]
                     if m["messageId"].startswith(("s", "c"))]

@@ -315,3 +315,32 @@ async def test_hold_keeps_staff_events_until_redis_answers_then_runs_them_in_ord
         assert next(iter(rows))[0] == 0
     ids = [m["messageId"] for m in got if m["type"] == "track"]
     assert ids == [f"c{n}" for n in range(5)]
+
+
+async def test_a_full_redis_that_refuses_writes_never_fails_ingest(relays, upstream, http,
+                                                                   redis_server):
+    """Redis at its maxmemory with noeviction refuses every write (OOM): relay still answers
+    200, stays ready, keeps its journal, and ships it once Redis has room again; a full Redis
+    that evicts keys instead (allkeys-lru) fails no request either."""
+    client = redis_server.client()
+    async with relays(1) as a:
+        await known(a)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # below what it uses: every write is refused
+        for n in range(20):
+            assert await post(http, a, "/v1/group", {"userId": f"u{n}", "groupId": "g"}) == 200
+        assert await ready(http, a)
+        await asyncio.sleep(0.3)
+        assert await journal_size(a) >= 1
+        client.config_set("maxmemory", 0)
+        await shipped(a)
+        assert client.hget("relay:u:u19", "g") == "g"
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + 1_000_000)
+        for n in range(300):
+            body = {"userId": f"big{n}" + "x" * 2000, "groupId": f"g{n}"}
+            assert await post(http, a, "/v1/group", body) == 200
+        assert await ready(http, a)
+        await shipped(a)
+    assert len(await upstream.wait_for(320)) >= 320
+    assert client.info("stats")["evicted_keys"] > 0

@@ -137,7 +137,8 @@ async def test_redis_killed_under_load_on_two_relays_loses_nothing_and_converges
 async def test_two_workers_through_a_redis_kill_and_kill_9(spawn, upstream, redis_server):
     """A relay of `workers: 2`: both serve the port; redis-server killed and started again under
     load, then the relay killed with SIGKILL (its workers follow) and started again: no answer
-    but 200 while it ran, every accepted message delivered; SIGTERM then ends it with 0."""
+    but 200 while it ran, every accepted message delivered; SIGHUP reloads both workers, and
+    SIGTERM then ends it with 0."""
     relay = spawn(1, workers=2)
     await relay.wait_ready()
     async with Load(relay.url, senders=6, tag="w") as load:
@@ -159,5 +160,13 @@ async def test_two_workers_through_a_redis_kill_and_kill_9(spawn, upstream, redi
     await relay.wait_ready()
     missing = await wait_delivered(upstream, load.acked, 30.0)
     assert not missing, f"{len(missing)} of {len(load.acked)} never arrived"
+    relay.send(signal.SIGHUP)
+
+    def reloaded(worker: int) -> bool:
+        return any(f"[worker {worker}]" in line and "reload (SIGHUP)" in line
+                   for line in relay.output_of_last_start().splitlines())
+
+    await until(lambda: reloaded(1) and reloaded(2), 10, "both workers reloaded")
+    assert await relay.wait_exit(0.5) is None  # SIGHUP reloads; it does not stop relay
     relay.send(signal.SIGTERM)
     assert await relay.wait_exit(15.0) == 0, relay.output_of_last_start()

@@ -25,7 +25,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay import app, config, server
+from relay import app, server
+from relay.config import model as config
 
 
 def free_port() -> int:

@@ -18,12 +18,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay import clock, config, protocol
-from relay.pipeline import Pipeline, RuleContext
-from relay.receipt import Receipt
-from relay.state import SqliteState
+from relay import clock
+from relay.config import model as config
+from relay.ingest import segment
+from relay.ingest.receipt import Receipt
+from relay.pipeline.runner import Pipeline, RuleContext
+from relay.state.sqlite import SqliteState
 
-ROUTE = protocol.Route("/v1/batch", batch=True)
+ROUTE = segment.Route("/v1/batch", batch=True)
 
 
 def workload(count: int) -> list[dict[str, Any]]:
@@ -48,12 +50,12 @@ async def run(steps: Pipeline, messages: list[dict[str, Any]], state: SqliteStat
     ctx = RuleContext(state=state, route=ROUTE.path)
     start = time.perf_counter()
     for item in messages:
-        message = protocol.message_from(item, (), ROUTE)
-        if protocol.invalid_reason(message) is None:
+        message = segment.message_from(item, (), ROUTE)
+        if segment.invalid_reason(message) is None:
             Receipt(clock.now(), None).stamp(message, item, None)
             outcome = await steps.run(message, ctx)
             if outcome.message is not None:
-                protocol.dumps(outcome.message)
+                segment.dumps(outcome.message)
         state.drain()
     return time.perf_counter() - start
 

@@ -11,20 +11,23 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from relay import address, cdn, cors, inventory, protocol, queue, report
-from relay.capacity import Capacity
-from relay.config import Config
-from relay.forwarder import Forwarder
-from relay.ingest import Ingest, mask
+from relay.config.model import Config
+from relay.delivery.forwarder import Forwarder
+from relay.http import cdn, client_address, cors
+from relay.ingest import segment
+from relay.ingest.receiver import Ingest, mask
+from relay.ingest.release import Releaser
 from relay.metrics import CONTENT_TYPE, Metrics
-from relay.outbox import Outbox
-from relay.pipeline import Pipeline
-from relay.redis_store import FAILURES, RedisStore
-from relay.release import Releaser
+from relay.ops import queue, report
+from relay.outbox import stats as outbox_stats
+from relay.outbox.capacity import Capacity
+from relay.outbox.store import Outbox
+from relay.pipeline.runner import Pipeline
 from relay.reloader import Reloader
-from relay.shared_state import SharedState
-from relay.shipper import Shipper
-from relay.state import SqliteState
+from relay.state.redis_store import FAILURES, RedisStore
+from relay.state.shared import SharedState
+from relay.state.shipper import Shipper
+from relay.state.sqlite import SqliteState
 
 log = logging.getLogger("relay")
 
@@ -116,7 +119,7 @@ class Relay:
         else:
             self.reloader.ask()
 
-    async def queue_stats(self) -> list[inventory.QueueStats]:
+    async def queue_stats(self) -> list[outbox_stats.QueueStats]:
         """Each upstream's queue; with workers, of every worker's file."""
         if self.config.workers == 1:
             return await self.outbox.stats()
@@ -208,9 +211,9 @@ def _add_browser_parts(app: web.Application, relay: Relay) -> None:
     """CORS on the inbound routes, the client address behind proxies, and the first-party CDN
     routes when an upstream has a `cdn_url` (the first such upstream serves them)."""
     config = relay.config
-    proxies = address.Proxies(config.trusted_proxies)
-    app[address.PROXIES] = proxies
-    paths = [route.path for route in protocol.routes()]
+    proxies = client_address.Proxies(config.trusted_proxies)
+    app[client_address.PROXIES] = proxies
+    paths = [route.path for route in segment.routes()]
     origin = next((u for u in config.upstreams if u.cdn_url), None)
     policy = cors.Cors(config.cors, paths, cdn.PREFIXES if origin else ())
     app[CORS] = policy

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from relay.inventory import QueueStats
+from relay.outbox.stats import QueueStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -11,8 +11,8 @@ import logging
 import os
 from collections.abc import Callable
 
-from relay import config
-from relay.config import Config
+from relay.config import model as config
+from relay.config.model import Config
 
 log = logging.getLogger("relay.reload")
 

@@ -17,10 +17,11 @@ try:
 except ImportError:  # Windows: it does not exist there
     uvloop = None  # type: ignore[assignment]
 
-from relay import address, app, front
-from relay.admission import Connections
-from relay.config import Config, Limits
-from relay.door import Door
+from relay import app
+from relay.config.model import Config, Limits
+from relay.http import client_address, connection
+from relay.http.admission import Connections
+from relay.http.listener_state import Door
 
 log = logging.getLogger("relay")
 
@@ -103,11 +104,11 @@ class Listener:
         connections = Connections(limits.max_connections)
         self.door = door = Door(
             lambda: relay.ingest, fallback, self.application[app.CORS],
-            self.application[address.PROXIES], limits.header_seconds, limits.body_seconds,
+            self.application[client_address.PROXIES], limits.header_seconds, limits.body_seconds,
             connections)
         relay.metrics.connections = door.held
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: connections.protocol(lambda: front.Front(door)), self.config.host,
+            lambda: connections.protocol(lambda: connection.Front(door)), self.config.host,
             self.config.port if port is None else port, backlog=128,
             reuse_port=self.config.workers > 1 or None)
         self._sweeper = asyncio.create_task(_sweep(door), name="sweep-connections")
@@ -174,8 +175,8 @@ async def _sweep(door: Door) -> None:
     while True:
         await asyncio.sleep(SWEEP_SECONDS)
         now = time.monotonic()
-        for connection in list(door.open):
-            connection.sweep(now)
+        for each in list(door.open):
+            each.sweep(now)
 
 
 async def serve(config: Config) -> None:

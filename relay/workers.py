@@ -1,6 +1,7 @@
 """`relay serve` with `workers: N` above 1: this process starts N worker processes that each serve
 `listen` (the kernel spreads connections over them: SO_REUSEPORT), each with its own SQLite file
-(`relay.outboxes`) and forwarders, all sharing user state through Redis. It forwards SIGTERM,
+(`relay.outbox.worker_files`) and forwarders, all sharing user state through Redis. It forwards
+SIGTERM,
 SIGINT and SIGHUP to them, starts again one that dies, and ends when they all have.
 
 Killed with SIGKILL itself, its workers get SIGTERM from the kernel (PR_SET_PDEATHSIG), finish
@@ -23,8 +24,8 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
-from relay import outboxes
-from relay.config import Config
+from relay.config.model import Config
+from relay.outbox import worker_files
 
 log = logging.getLogger("relay")
 
@@ -57,7 +58,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Until every worker has ended after a stop; 0 when they all ended well."""
-        moved = outboxes.merge_leftovers(self.config)
+        moved = worker_files.merge_leftovers(self.config)
         if moved:
             log.info("storage: %d row(s) moved from the files of workers that are gone", moved)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

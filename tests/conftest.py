@@ -10,7 +10,8 @@ import pytest
 import yaml
 from fakes import FakeUpstream
 
-from relay import app, config, server
+from relay import app, server
+from relay.config import model as config
 
 # Requests captured from the real SDKs (method, path, headers, body), one JSON object a line.
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wire"

@@ -98,14 +98,16 @@ class RelayProcess:
         self.proc.send_signal(sig)
 
     def writer_pids(self) -> list[int]:
-        """The pids of relay's writer processes (its children running `relay.writer_child`)."""
+        """The pids of relay's writer processes (its children running
+        `relay.outbox.writer_child`)."""
         assert self.proc is not None
         pid = self.proc.pid
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             return []
-        return [int(child) for child in children if alive_as(int(child), "relay.writer_child")]
+        return [int(child) for child in children
+                if alive_as(int(child), "relay.outbox.writer_child")]
 
     def serving_pids(self) -> list[int]:
         """The pids of relay's worker processes (with `workers` above 1: its `relay serve`

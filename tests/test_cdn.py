@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from fakes import free_port
 
-from relay import cdn
+from relay.http import cdn
 
 KEY = "wk_AbC-123"
 SETTINGS = {"integrations": {"Segment.io": {"apiKey": KEY, "apiHost": "api.segment.io/v1",

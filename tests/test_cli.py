@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import cli, config
+from relay.cli import commands
+from relay.config import model as config
 from relay.rules import REGISTRY
 from relay.rules.remove import Remove
 from relay.rules.set import SetField
@@ -74,7 +75,7 @@ def write(tmp_path: Path, text: str, name: str = "relay.yaml") -> Path:
 
 def run_check(path: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, list[str]]:
     """relay check on `path`: exit code, stdout, stderr lines."""
-    code = cli.main(["check", "--config", str(path)])
+    code = commands.main(["check", "--config", str(path)])
     out, err = capsys.readouterr()
     return code, out, err.splitlines()
 
@@ -92,7 +93,7 @@ def test_check_reports_every_error_at_once_with_its_line(tmp_path, capsys):
     """Every problem of a broken file is printed at once as `file:line: path: message`."""
     path = write(tmp_path, BROKEN)
     code, out, err = run_check(path, capsys)
-    assert code == cli.EXIT_CONFIG == 2
+    assert code == commands.EXIT_CONFIG == 2
     assert out == ""
     assert err == [
         f"{path}:1: lisen: unknown key (did you mean 'listen'?)",
@@ -292,14 +293,14 @@ def test_check_uses_relay_config_variable(tmp_path, capsys, monkeypatch):
     """Without --config, `relay check` reads the file named by $RELAY_CONFIG."""
     path = write(tmp_path, VALID, "from-env.yaml")
     monkeypatch.setenv("RELAY_CONFIG", str(path))
-    code = cli.main(["check"])
+    code = commands.main(["check"])
     out, err = capsys.readouterr()
     assert (code, out, err) == (0, f"{path}: ok (2 upstream(s), 2 rule(s))\n", "")
 
 
 def test_no_command_prints_help_and_exits_2(capsys):
     """`relay` with no sub-command prints usage naming both commands and exits 2."""
-    code = cli.main([])
+    code = commands.main([])
     out, _ = capsys.readouterr()
     assert code == 2
     assert out.startswith("usage: relay")

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from relay import condition as condition_module
-from relay import config
-from relay.pipeline import Drop, Message, Pipeline, RuleContext, Step
-from relay.state import SqliteState
+from relay.config import model as config
+from relay.pipeline import condition as condition_module
+from relay.pipeline.runner import Drop, Message, Pipeline, RuleContext, Step
+from relay.state.sqlite import SqliteState
 
 UPSTREAM = 'upstreams: [{name: u, kind: segment, url: "http://127.0.0.1:9"}]\n'
 TRACK: Message = {"type": "track", "userId": "u1", "event": "Clicked"}

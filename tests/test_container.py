@@ -31,7 +31,7 @@ import yaml
 from fakes import FakeUpstream, free_port
 from processes import wait_ready
 
-from relay import config
+from relay.config import model as config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"

@@ -7,7 +7,9 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from relay import address, config, cors, protocol
+from relay.config import model as config
+from relay.http import client_address, cors
+from relay.ingest import segment
 
 PREFLIGHT = {"Origin": "http://page.test:3000", "Access-Control-Request-Method": "POST",
              "Access-Control-Request-Headers": "authorization,content-type"}
@@ -27,7 +29,7 @@ def relay_with(upstream, write_config, start_relay):
 async def test_preflight_on_every_inbound_path(relay_with):
     """OPTIONS on each path events are posted to is answered with the full CORS grant."""
     async with relay_with() as relay, aiohttp.ClientSession() as http:
-        for route in protocol.routes():
+        for route in segment.routes():
             async with http.options(relay.url + route.path, headers=PREFLIGHT) as resp:
                 assert resp.status == 204, route.path
                 assert resp.headers["Access-Control-Allow-Origin"] == "*"
@@ -79,8 +81,8 @@ def test_config_checks_origins_and_proxies():
     assert cors.invalid(["*", "https://a.example", "http://b.example:8080/"]) is None
     for bad in ("a.example", "https://a.example/path", "ftp://a.example", "https://"):
         assert bad in str(cors.invalid([bad]))
-    assert address.invalid(["10.0.0.0/8", "127.0.0.1", "::1", "fd00::/8"]) is None
-    assert "10.0.0.0/33" in str(address.invalid(["10.0.0.0/33"]))
+    assert client_address.invalid(["10.0.0.0/8", "127.0.0.1", "::1", "fd00::/8"]) is None
+    assert "10.0.0.0/33" in str(client_address.invalid(["10.0.0.0/33"]))
     text = ("upstreams: [{name: s, kind: segment, url: 'http://x'}]\n"
             "trusted_proxies: [nope]\ncors: {allow_origins: [www.example.com]}\n")
     with pytest.raises(config.ConfigError) as info:
@@ -116,13 +118,13 @@ def request(peer: str, *forwarded: str, proto: str = "") -> aiohttp.web.Request:
 )
 def test_client_address_behind_proxies(peer, forwarded, client):
     """X-Forwarded-For is read right to left, only from trusted peers, and never fails."""
-    proxies = address.Proxies(["10.0.0.0/8"])
+    proxies = client_address.Proxies(["10.0.0.0/8"])
     assert proxies.client(request(peer, *forwarded)) == client
 
 
 def test_scheme_from_trusted_proxy_only():
     """X-Forwarded-Proto counts only from a trusted peer and only as http or https."""
-    proxies = address.Proxies(["10.0.0.0/8"])
+    proxies = client_address.Proxies(["10.0.0.0/8"])
     assert proxies.scheme(request("10.0.0.5", proto="https")) == "https"
     assert proxies.scheme(request("203.0.113.9", proto="https")) == "http"
     assert proxies.scheme(request("10.0.0.5", proto="gopher")) == "http"

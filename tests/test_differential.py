@@ -31,7 +31,9 @@ from fakes import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import app, config, protocol, server
+from relay import app, server
+from relay.config import model as config
+from relay.ingest import segment
 
 EXAMPLES = 50
 # Seconds of silence after which a connection is taken to stay open: once every request could
@@ -50,8 +52,8 @@ class Plain:
     port: int = 0
 
     async def start(self) -> None:
-        application = web.Application(client_max_size=protocol.MAX_REQUEST_BYTES)
-        application.add_routes([web.post(r.path, self.take) for r in protocol.routes()])
+        application = web.Application(client_max_size=segment.MAX_REQUEST_BYTES)
+        application.add_routes([web.post(r.path, self.take) for r in segment.routes()])
         application.add_routes([web.get("/healthz", self.health)])
         self.runner = web.AppRunner(application, access_log=None, auto_decompress=False,
                                     handle_signals=False)

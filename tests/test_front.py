@@ -1,4 +1,4 @@
-"""relay/front.py over real TCP: SDK posts answered by the Front, other requests handed to
+"""relay/connection.py over real TCP: SDK posts answered by the Front, other requests handed to
 aiohttp, pipelining, chunking, Expect, keep-alive and the 4xx refusals of malformed requests.
 
 Raw sockets send exact bytes, so the test decides what arrives in which TCP write. The Front's
@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from rawhttp import connect, read_response, rest_of
 
-from relay import front, protocol
+from relay.http import connection
+from relay.ingest import segment
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
@@ -186,7 +187,7 @@ async def test_handover_of_a_head_sent_in_pieces(relay):
     assert (answer.status, answer.json()) == (200, {"status": "ok"})
 
 
-HUGE_LENGTH = protocol.MAX_REQUEST_BYTES + 100_000
+HUGE_LENGTH = segment.MAX_REQUEST_BYTES + 100_000
 REFUSALS = [
     pytest.param(b"NOT HTTP\r\n\r\n", 400, "invalid_http", id="garbage"),
     pytest.param(b"POST /v1/track HTTP/1.1\r\nHost: relay\r\nX-Bad: a\x7fb\r\n"
@@ -222,7 +223,7 @@ async def test_refusals(relay, upstream, request_bytes, status, code):
 
 async def test_chunked_body_over_the_limit_is_413(relay, upstream):
     """A chunked body passing 500 KiB is answered 413 request_too_large and not stored."""
-    size = protocol.MAX_REQUEST_BYTES + 1
+    size = segment.MAX_REQUEST_BYTES + 1
     head = (b"POST /v1/batch HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"%x\r\n" % size)
     async with connect(relay.listener.port) as (reader, writer):
@@ -419,7 +420,7 @@ def send_then_read(port: int, data: bytes) -> bytes:
     return answer
 
 
-@pytest.mark.parametrize("size", [protocol.MAX_REQUEST_BYTES + 1, 4 * 1024 * 1024])
+@pytest.mark.parametrize("size", [segment.MAX_REQUEST_BYTES + 1, 4 * 1024 * 1024])
 async def test_oversized_body_sent_whole_still_reads_413(relay, upstream, size):
     """A client that sends all of an oversized body before reading gets its 413, not a
     connection reset: relay reads and drops what follows a refusal before it closes."""
@@ -454,8 +455,8 @@ async def trickle(writer: asyncio.StreamWriter) -> None:
 async def test_lingering_after_a_refusal_ends(relay, monkeypatch, trickling):
     """After a refusal relay stops waiting for the rest of the body: a silent client is closed
     after LINGER_IDLE, one that keeps sending after LINGER_MOST."""
-    monkeypatch.setattr(front, "LINGER_IDLE", 0.3)
-    monkeypatch.setattr(front, "LINGER_MOST", 1.0)
+    monkeypatch.setattr(connection, "LINGER_IDLE", 0.3)
+    monkeypatch.setattr(connection, "LINGER_MOST", 1.0)
     async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(b"x" * HUGE_LENGTH)[:-HUGE_LENGTH])
         assert (await read_response(reader)).status == 413

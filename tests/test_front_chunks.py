@@ -1,4 +1,5 @@
-"""relay/front.py's answers on one keep-alive connection do not depend on how the byte stream
+"""relay/http/connection.py's answers on one keep-alive connection do not depend on how the byte
+stream
 is cut into TCP writes (property-based, with hypothesis).
 
 A short sequence of requests (event posts of several kinds, and at most one GET /healthz, last)

@@ -17,9 +17,9 @@ from fakes import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import protocol
+from relay.ingest import segment
 
-PATHS = [r.path for r in protocol.routes()] + ["/v1/unknown", "/", "/sdk/"]
+PATHS = [r.path for r in segment.routes()] + ["/v1/unknown", "/", "/sdk/"]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

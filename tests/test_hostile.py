@@ -17,8 +17,9 @@ import pytest
 from fakes import free_port
 from rawhttp import connect, read_response, rest_of
 
-from relay import front, intake, protocol
-from relay.outbox import Outbox
+from relay.http import connection, parser
+from relay.ingest import segment
+from relay.outbox.store import Outbox
 
 ORIGIN = "https://www.example.com"
 # The issue's bytes: an Origin whose trailing U+3000 str.strip() removed, so that relay once
@@ -106,7 +107,7 @@ async def test_a_fault_while_answering_is_a_500_logged_once_and_frees_the_connec
     """When answering a post raises (an answer's head that cannot be encoded), the client gets
     500 at once, one log line says so, the connection closes, and neither it nor the post
     pipelined behind stays counted: a stop does not wait for them."""
-    real_head = front.head
+    real_head = connection.head
     calls = {"n": 0}
 
     def failing_head(answer: Any, connection: bytes, second: int) -> bytes:
@@ -115,7 +116,7 @@ async def test_a_fault_while_answering_is_a_500_logged_once_and_frees_the_connec
             "\u3000".encode("latin-1")  # what the unvalidated Origin did
         return real_head(answer, connection, second)
 
-    monkeypatch.setattr(front, "head", failing_head)
+    monkeypatch.setattr(connection, "head", failing_head)
     caplog.set_level(logging.ERROR, logger="relay.front")
     async with relay_with() as relay:
         async with connect(relay.listener.port) as (reader, writer):
@@ -197,12 +198,12 @@ async def test_the_limit_is_on_the_message_as_stored(relay_with):
                              .encode()) as resp:
             assert resp.status == 413 and (await resp.json())["code"] == "message_too_large"
         fits = {"userId": "u", "event": "E", "messageId": "fits", "properties": {"p": "x"}}
-        room = protocol.MAX_MESSAGE_BYTES - 400
+        room = segment.MAX_MESSAGE_BYTES - 400
         fits["properties"] = {"p": "x" * room}
         async with http.post(relay.url + "/v1/track", json=fits) as resp:
             assert resp.status == 200
         [(_, stored)] = rows(relay.config.storage.path)
-        assert len(stored) <= protocol.MAX_MESSAGE_BYTES
+        assert len(stored) <= segment.MAX_MESSAGE_BYTES
         assert json.loads(stored)["properties"]["p"] == "x" * room
 
 
@@ -231,7 +232,7 @@ async def test_what_the_rules_grow_past_the_limits_is_not_stored(relay_with):
             assert resp.status == 200
         kept = [body for _, body in rows(db) if json.loads(body).get("event") == "T"]
         assert 0 < len(kept) < 300
-        assert sum(map(len, kept)) <= protocol.Budget(size).limit
+        assert sum(map(len, kept)) <= segment.Budget(size).limit
         assert counters(db)["invalid.request_too_large_after_rules"] == 300 - len(kept)
 
 
@@ -324,7 +325,7 @@ async def test_chunks_too_small_or_extensions_too_long_are_refused(relay_with):
             assert answer.status == 400 and answer.code() == "invalid_body"
             assert "chunks too small" in answer.json()["message"]
         async with connect(relay.listener.port) as (reader, writer):
-            writer.write(chunked_head() + b"2;" + b"e" * (2 * intake.MAX_BODY_WIRE))
+            writer.write(chunked_head() + b"2;" + b"e" * (2 * parser.MAX_BODY_WIRE))
             answer = await read_response(reader)
             assert answer.status == 413 and answer.code() == "request_too_large"
         pieces = [body[i:i + 300] for i in range(0, len(body), 300)]
@@ -341,7 +342,7 @@ async def test_an_endless_header_value_is_cut_off_at_the_heads_limit(relay_with)
     timeout."""
     async with relay_with() as relay, connect(relay.listener.port) as (reader, writer):
         writer.write(b"POST /v1/track HTTP/1.1\r\nHost: relay\r\nX-Big: ")
-        for _ in range(4 * intake.MAX_HEAD_WIRE // 65536):
+        for _ in range(4 * parser.MAX_HEAD_WIRE // 65536):
             writer.write(b"a" * 65536)
             await writer.drain()
         answer = await read_response(reader)

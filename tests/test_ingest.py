@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay import protocol
+from relay.ingest import segment
 
 OK = {"success": True}
 
@@ -97,13 +97,13 @@ async def test_bad_payload_is_400_and_stores_nothing(running, config_path, path,
 async def test_size_limits_are_413(running):
     """Over 32 KB per message or 500 KB per request, also once decompressed, is refused."""
     relay, http = running
-    big = "x" * (protocol.MAX_MESSAGE_BYTES + 1)
+    big = "x" * (segment.MAX_MESSAGE_BYTES + 1)
     single = {"userId": "u", "event": "E", "properties": {"p": big}}
     in_batch = {"batch": [{"type": "track", "userId": "u", "event": "E"},
                           {"type": "track", "userId": "u", "event": "E", "properties": {"p": big}}]}
     request = {"batch": [{"type": "track", "userId": "u", "event": "E",
                           "properties": {"p": "y" * 30000}}] * 18}
-    bomb = gzip.compress(b" " * (protocol.MAX_REQUEST_BYTES + 10) + b"{}")
+    bomb = gzip.compress(b" " * (segment.MAX_REQUEST_BYTES + 10) + b"{}")
     for path, body, headers in (
         ("/v1/track", single, None),
         ("/v1/batch", in_batch, None),

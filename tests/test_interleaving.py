@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redisproc import RedisServer, needs_redis
 
-from relay import app, config, server
+from relay import app, server
+from relay.config import model as config
 
 pytestmark = needs_redis
 

@@ -30,8 +30,8 @@ from fakes import FakeUpstream, Reply, free_port
 from processes import wait_ready
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.capacity import Capacity
-from relay.outbox import SCHEMA as OUTBOX_SCHEMA
+from relay.outbox.capacity import Capacity
+from relay.outbox.store import SCHEMA as OUTBOX_SCHEMA
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

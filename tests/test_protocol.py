@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings, target
 from hypothesis import strategies as st
 
-from relay import clock, protocol
-from relay.protocol import PayloadError, Route
-from relay.receipt import Receipt
+from relay import clock
+from relay.ingest import segment
+from relay.ingest.receipt import Receipt
+from relay.ingest.segment import PayloadError, Route
 
 RECEIVED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 TRACK = Route("/v1/track", type="track")
@@ -38,30 +39,30 @@ def b64(text: str) -> str:
 )
 def test_write_key_forms(header, body, expected):
     """The write key is read from every Basic form the SDKs use, else from the body."""
-    assert protocol.write_key(header, body) == expected
+    assert segment.write_key(header, body) == expected
 
 
 def test_decode_refuses_what_is_not_json():
     """Invalid JSON, NaN and out-of-range numbers are a 400, never stored."""
     for body in (b"nope", b'{"a": NaN}', b'{"a": 1e999}', b"\xff\xfe", b"[" * 3000 + b"]" * 3000):
         with pytest.raises(PayloadError) as info:
-            protocol.decode(body)
+            segment.decode(body)
         assert info.value.status == 400
 
 
 def test_envelope_shapes():
     """A batch needs a list of objects; a single call needs an object."""
-    assert protocol.envelope({"batch": [{"type": "track"}]}, BATCH)[0] == [{"type": "track"}]
+    assert segment.envelope({"batch": [{"type": "track"}]}, BATCH)[0] == [{"type": "track"}]
     for payload, route in (([], TRACK), ({"batch": {}}, BATCH), ({"batch": [1]}, BATCH)):
         with pytest.raises(PayloadError):
-            protocol.envelope(payload, route)
+            segment.envelope(payload, route)
 
 
 def test_batch_context_merges_into_items():
     """Batch-level context and integrations reach every item; the item's own keys win."""
     top = {"context": {"app": "a", "ip": "1"}, "integrations": {"All": False}, "writeKey": "K"}
     item = {"type": "track", "context": {"ip": "2"}, "writeKey": "K", "sentAt": "x"}
-    message = protocol.message_from(item, protocol.shared_of(top, BATCH), BATCH)
+    message = segment.message_from(item, segment.shared_of(top, BATCH), BATCH)
     assert message["context"] == {"app": "a", "ip": "2"}
     assert message["integrations"] == {"All": False}
     assert "writeKey" not in message and "sentAt" not in message
@@ -69,14 +70,14 @@ def test_batch_context_merges_into_items():
 
 def test_single_call_type_comes_from_path():
     """A single call's type is the route's, whatever the body says."""
-    assert protocol.message_from({"type": "page"}, (), TRACK)["type"] == "track"
+    assert segment.message_from({"type": "page"}, (), TRACK)["type"] == "track"
 
 
 def test_batch_fields_that_are_not_objects_are_not_shared():
     """Only a batch's object-valued context and integrations are shared, and only by batches."""
     top = {"context": "nope", "integrations": {"All": False}}
-    assert protocol.shared_of(top, BATCH) == (("integrations", {"All": False}),)
-    assert protocol.shared_of(top, TRACK) == ()
+    assert segment.shared_of(top, BATCH) == (("integrations", {"All": False}),)
+    assert segment.shared_of(top, TRACK) == ()
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_batch_fields_that_are_not_objects_are_not_shared():
 )
 def test_invalid_reasons(message, reason):
     """Messages the vendor would silently drop are named with the reason."""
-    assert protocol.invalid_reason(message) == reason
+    assert segment.invalid_reason(message) == reason
 
 
 def test_stamp_corrects_clock_skew():
@@ -156,49 +157,49 @@ def test_stamp_keeps_unparseable_timestamp():
 def test_wants_ip_only_where_the_vendor_would():
     """Browser routes, analytics.js and context.direct get the caller's IP; servers do not."""
     browser = Route("/v1/t", type="track", browser=True)
-    assert protocol.wants_ip({}, browser)
-    assert not protocol.wants_ip({"context": {"ip": "1.2.3.4"}}, browser)
-    assert not protocol.wants_ip({"context": {"library": {"name": "analytics-python"}}}, TRACK)
-    assert protocol.wants_ip({"context": {"library": {"name": "analytics.js"}}}, TRACK)
-    assert protocol.wants_ip({"context": {"direct": True}}, TRACK)
+    assert segment.wants_ip({}, browser)
+    assert not segment.wants_ip({"context": {"ip": "1.2.3.4"}}, browser)
+    assert not segment.wants_ip({"context": {"library": {"name": "analytics-python"}}}, TRACK)
+    assert segment.wants_ip({"context": {"library": {"name": "analytics.js"}}}, TRACK)
+    assert segment.wants_ip({"context": {"direct": True}}, TRACK)
 
 
 def test_batch_body_per_kind():
     """Segment batches carry writeKey in the body; June and RudderStack batches do not."""
     sent = datetime(2026, 1, 1, tzinfo=UTC)
-    seg = json.loads(protocol.batch_body("segment", ['{"a":1}', '{"b":2}'], "K", sent))
+    seg = json.loads(segment.batch_body("segment", ['{"a":1}', '{"b":2}'], "K", sent))
     assert seg == {"batch": [{"a": 1}, {"b": 2}], "sentAt": clock.iso(sent), "writeKey": "K"}
-    june = json.loads(protocol.batch_body("june", ['{"a":1}'], "K", sent))
+    june = json.loads(segment.batch_body("june", ['{"a":1}'], "K", sent))
     assert "writeKey" not in june
-    assert protocol.batch_url("june", "http://h/") == "http://h/sdk/batch"
-    assert protocol.batch_headers("K")["Authorization"] == "Basic " + b64("K:")
-    assert "Authorization" not in protocol.batch_headers("")
+    assert segment.batch_url("june", "http://h/") == "http://h/sdk/batch"
+    assert segment.batch_headers("K")["Authorization"] == "Basic " + b64("K:")
+    assert "Authorization" not in segment.batch_headers("")
 
 
 def test_budget_bounds_each_message_and_the_request_as_stored():
     """Each stored message is at most 32 KB and a request's all together at most 16x its size
     plus 64 KB; a batch's shared context counts once for every message it is merged into."""
-    budget = protocol.Budget(1000)
+    budget = segment.Budget(1000)
     assert budget.limit == 16 * 1000 + 64 * 1024
     with pytest.raises(PayloadError) as refused:
-        budget.admit("x" * (protocol.MAX_MESSAGE_BYTES + 1), 3)
+        budget.admit("x" * (segment.MAX_MESSAGE_BYTES + 1), 3)
     assert (refused.value.status, refused.value.code) == (413, "message_too_large")
     assert "message 3" in refused.value.message
-    budget.admit("x" * protocol.MAX_MESSAGE_BYTES, 0)
-    budget.admit("x" * protocol.MAX_MESSAGE_BYTES, 1)
+    budget.admit("x" * segment.MAX_MESSAGE_BYTES, 0)
+    budget.admit("x" * segment.MAX_MESSAGE_BYTES, 1)
     with pytest.raises(PayloadError) as refused:
         budget.admit("x" * 20_000, 2)
     assert refused.value.code == "request_too_large"
-    assert budget.over(protocol.MAX_MESSAGE_BYTES + 1) == "message_too_large"
+    assert budget.over(segment.MAX_MESSAGE_BYTES + 1) == "message_too_large"
     assert budget.over(20_000) == "request_too_large"
     shared = (("context", {"pad": "A" * 250_000}),)
     with pytest.raises(PayloadError) as refused:
-        protocol.Budget(250_500).check_shared(shared, 200)
+        segment.Budget(250_500).check_shared(shared, 200)
     assert refused.value.code == "message_too_large"
     with pytest.raises(PayloadError) as refused:
-        protocol.Budget(36_000).check_shared((("context", {"pad": "A" * 30_000}),), 200)
+        segment.Budget(36_000).check_shared((("context", {"pad": "A" * 30_000}),), 200)
     assert refused.value.code == "request_too_large"
-    protocol.Budget(36_000).check_shared((("context", {"pad": "A" * 1_000}),), 200)
+    segment.Budget(36_000).check_shared((("context", {"pad": "A" * 1_000}),), 200)
 
 
 ANY_TEXT = st.text(st.characters(codec="utf-8"), max_size=200)
@@ -228,17 +229,17 @@ def test_a_request_too_small_to_measure_cannot_store_an_oversized_message(
             fields[key] = value
     sent = (json.dumps(fields, ensure_ascii=False)[:-1] + ',"properties":' + properties
             + "}").encode()
-    item = protocol.decode(sent)
-    message = protocol.message_from(item, (), TRACK)
+    item = segment.decode(sent)
+    message = segment.message_from(item, (), TRACK)
     Receipt(RECEIVED, "2026-11-23T11:59:59.123Z").stamp(message, item, "2001:db8::ffff:1")
-    stored = protocol.dumps(message)
-    target((len(stored) - protocol.STAMP_BYTES) / len(sent))
-    assert len(stored) <= protocol.GROWTH * len(sent) + protocol.STAMP_BYTES
+    stored = segment.dumps(message)
+    target((len(stored) - segment.STAMP_BYTES) / len(sent))
+    assert len(stored) <= segment.GROWTH * len(sent) + segment.STAMP_BYTES
 
 
 def test_routes_cover_the_vendors_paths():
     """Every Segment, browser and June path is served, metrics paths flagged as such."""
-    paths = {r.path: r for r in protocol.routes()}
+    paths = {r.path: r for r in segment.routes()}
     for p in ("/v1/identify", "/v1/track", "/v1/page", "/v1/screen", "/v1/group", "/v1/alias",
               "/v1/batch", "/v1/import", "/v1/i", "/v1/t", "/v1/p", "/v1/s", "/v1/g", "/v1/a",
               "/v1/b", "/sdk/identify", "/sdk/track", "/sdk/page", "/sdk/screen", "/sdk/group",

@@ -25,8 +25,11 @@ import aiohttp
 import pytest
 from fakes import FakeUpstream, Reply, free_port
 
-from relay import cli, config, queue, queue_db, replay
-from relay.progress import Bar
+from relay.cli import commands
+from relay.config import model as config
+from relay.delivery import replay
+from relay.ops import queue, queue_db
+from relay.ops.progress import Bar
 
 KEY = "wk-secret-4242"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
@@ -363,18 +366,18 @@ def test_progress_bar_redraws_one_line_on_a_terminal():
 
 def test_queue_commands_exit_codes(tmp_path, capsys):
     """A bad config exits 2, a missing database or an unknown dead letter exits 1, with a reason."""
-    assert cli.main(["queue", "stats", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert commands.main(["queue", "stats", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
     good = tmp_path / "relay.yaml"
     good.write_text(f"storage: {{path: {tmp_path / 'absent.db'}}}\n"
                     "upstreams: [{name: seg, kind: segment, url: 'http://127.0.0.1:9'}]\n")
     for args in (["stats"], ["dead", "list"], ["dead", "show", "1"], ["dead", "replay"],
                  ["purge", "--user", "u"]):
-        assert cli.main(["queue", *args, "--config", str(good)]) == 1
+        assert commands.main(["queue", *args, "--config", str(good)]) == 1
         assert capsys.readouterr() == ("", f"relay queue: no database at {tmp_path / 'absent.db'}:"
                                            " relay has not run with this storage.path\n")
-    assert cli.main(["queue"]) == 2
+    assert commands.main(["queue"]) == 2
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["queue", "dead", "list", "--since", "yesterday", "--config", str(good)])
+        commands.main(["queue", "dead", "list", "--since", "yesterday", "--config", str(good)])
     assert exit_info.value.code == 2
     assert "'yesterday' is neither an ISO-8601 time" in capsys.readouterr().err

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from relay import config, identity
-from relay.pipeline import Drop, Outcome, Pipeline, RuleContext
-from relay.state import SqliteState
+from relay.config import model as config
+from relay.pipeline import identity
+from relay.pipeline.runner import Drop, Outcome, Pipeline, RuleContext
+from relay.state.sqlite import SqliteState
 
 Message = dict[str, Any]
 Expected = Message | Drop

@@ -27,7 +27,7 @@ from fakes import FakeUpstream, free_port
 from processes import wait_ready
 from segment.analytics.client import Client as SegmentClient
 
-from relay import cli
+from relay.cli import commands
 
 KEY = "WK_scenario"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
@@ -471,7 +471,7 @@ async def test_try_shows_each_rule_and_stores_nothing(upstream, write_config, st
         track("y5", "u-try", "Exported", context={"groupId": "acme"}),
     ]}))
     capsys.readouterr()
-    assert await asyncio.to_thread(cli.main, ["try", "--config", str(path), str(payload)]) == 0
+    assert await asyncio.to_thread(commands.main, ["try", "--config", str(path), str(payload)]) == 0
     output = capsys.readouterr()
     assert output.err == ""
     dropped = [f"  {DIU}: dropped (internal_user)", f"  => dropped by {DIU}: internal_user"]
@@ -521,7 +521,7 @@ async def test_report_lists_multi_group_users_internal_users_and_rule_counts(
     finished = time.time()
 
     capsys.readouterr()
-    assert await asyncio.to_thread(cli.main, ["report", "--config", str(path)]) == 0
+    assert await asyncio.to_thread(commands.main, ["report", "--config", str(path)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "Rules (messages changed / dropped):",
         f"  {DIU}: 0 changed, 3 dropped",
@@ -533,7 +533,7 @@ async def test_report_lists_multi_group_users_internal_users_and_rule_counts(
         "  userId staff-1 (email_domain)",
     ]
 
-    assert await asyncio.to_thread(cli.main, ["report", "--config", str(path), "--json"]) == 0
+    assert await asyncio.to_thread(commands.main, ["report", "--config", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     first_seen = [u.pop("first_seen") for u in report["internal_users"]]
     assert all(started <= t <= finished for t in first_seen)

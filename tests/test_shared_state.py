@@ -17,7 +17,9 @@ from fakes import FakeUpstream
 from redisproc import RedisServer, needs_redis
 from test_queue import run_cli
 
-from relay import config, release, report
+from relay.config import model as config
+from relay.ingest import release
+from relay.ops import report
 
 pytestmark = needs_redis
 

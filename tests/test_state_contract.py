@@ -33,13 +33,13 @@ from test_rules import (
     track,
 )
 
-from relay import held
-from relay.config import UserState
+from relay.config.model import UserState
+from relay.ingest import held
 from relay.metrics import Metrics
-from relay.redis_store import RedisStore
-from relay.shared_state import SharedState
-from relay.shipper import Shipper
-from relay.state import SqliteState, storable
+from relay.state.redis_store import RedisStore
+from relay.state.shared import SharedState
+from relay.state.shipper import Shipper
+from relay.state.sqlite import SqliteState, storable
 
 Step = Callable[[int, Message], Awaitable[Any]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.pipeline import Drop, Message, RuleContext
+from relay.pipeline.runner import Drop, Message, RuleContext
 
 
 @dataclass(frozen=True)

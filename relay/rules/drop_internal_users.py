@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay import identity
-from relay.pipeline import LATER, Drop, Later, Message, RuleContext
+from relay.config.fields import FieldError
+from relay.pipeline import identity
+from relay.pipeline.runner import LATER, Drop, Later, Message, RuleContext
 from relay.rules.one_group_per_user import current_group
-from relay.schema import FieldError
-from relay.state import State, anon_ref, user_ref
+from relay.state.sqlite import State, anon_ref, user_ref
 
 
 @dataclass(frozen=True)

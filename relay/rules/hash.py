@@ -8,9 +8,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from relay import paths
-from relay.pipeline import Drop, Message, RuleContext
-from relay.schema import FieldError
+from relay.config.fields import FieldError
+from relay.pipeline import dotted
+from relay.pipeline.runner import Drop, Message, RuleContext
 
 _ABSENT = object()
 
@@ -26,13 +26,13 @@ class Hash:
     _key: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.paths or not all(paths.valid(p) for p in self.paths):
+        if not self.paths or not all(dotted.valid(p) for p in self.paths):
             raise FieldError("paths", "must list dotted paths like traits.email")
         key = os.environ.get(self.key_env, "")
         if len(key) < 16:
             raise FieldError("key_env", f"environment variable {self.key_env} must hold a secret"
                                         " of at least 16 characters")
-        object.__setattr__(self, "_parts", tuple(paths.split(p) for p in self.paths))
+        object.__setattr__(self, "_parts", tuple(dotted.split(p) for p in self.paths))
         object.__setattr__(self, "_key", key.encode())
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
@@ -40,10 +40,10 @@ class Hash:
 
     def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
-            value = paths.get(message, parts, _ABSENT)
+            value = dotted.get(message, parts, _ABSENT)
             if value is _ABSENT or value is None:
                 continue
             text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             digest = hmac.new(self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256)
-            message = paths.replaced(message, parts, digest.hexdigest())
+            message = dotted.replaced(message, parts, digest.hexdigest())
         return message

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from relay import identity
-from relay.pipeline import LATER, Drop, Later, Message, RuleContext
-from relay.protocol import TYPES
-from relay.schema import FieldError
-from relay.state import MISSING, Missing, State, anon_ref, user_ref
+from relay.config.fields import FieldError
+from relay.ingest.segment import TYPES
+from relay.pipeline import identity
+from relay.pipeline.runner import LATER, Drop, Later, Message, RuleContext
+from relay.state.sqlite import MISSING, Missing, State, anon_ref, user_ref
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
-"""`remove`: deletes fields at dotted paths."""
+"""`remove`: deletes fields at dotted dotted."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay import paths
-from relay.pipeline import Drop, Message, RuleContext
-from relay.schema import FieldError
+from relay.config.fields import FieldError
+from relay.pipeline import dotted
+from relay.pipeline.runner import Drop, Message, RuleContext
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,14 @@ class Remove:
         if not self.paths:
             raise FieldError("paths", "must list at least one dotted path")
         for path in self.paths:
-            if not paths.valid(path):
+            if not dotted.valid(path):
                 raise FieldError("paths", f"each must be a dotted path; got {path!r}")
-        object.__setattr__(self, "_parts", tuple(paths.split(p) for p in self.paths))
+        object.__setattr__(self, "_parts", tuple(dotted.split(p) for p in self.paths))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         return self.apply_now(message, ctx)
 
     def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
-            message = paths.removed(message, parts)
+            message = dotted.removed(message, parts)
         return message

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay import paths
-from relay.pipeline import Drop, Message, RuleContext
-from relay.schema import FieldError
+from relay.config.fields import FieldError
+from relay.pipeline import dotted
+from relay.pipeline.runner import Drop, Message, RuleContext
 
 _ABSENT = object()
 
@@ -22,18 +22,18 @@ class Rename:
 
     def __post_init__(self) -> None:
         for key, value in (("from", self.from_), ("to", self.to)):
-            if not paths.valid(value):
+            if not dotted.valid(value):
                 raise FieldError(key, f"must be a dotted path like a.b.c; got {value!r}")
         if self.from_ == self.to:
             raise FieldError("to", "must differ from 'from'")
-        object.__setattr__(self, "_from", paths.split(self.from_))
-        object.__setattr__(self, "_to", paths.split(self.to))
+        object.__setattr__(self, "_from", dotted.split(self.from_))
+        object.__setattr__(self, "_to", dotted.split(self.to))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         return self.apply_now(message, ctx)
 
     def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        value = paths.get(message, self._from, _ABSENT)
+        value = dotted.get(message, self._from, _ABSENT)
         if value is _ABSENT:
             return message
-        return paths.replaced(paths.removed(message, self._from), self._to, value)
+        return dotted.replaced(dotted.removed(message, self._from), self._to, value)

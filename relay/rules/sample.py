@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from relay import identity
-from relay.pipeline import Drop, Message, RuleContext
-from relay.schema import FieldError
+from relay.config.fields import FieldError
+from relay.pipeline import identity
+from relay.pipeline.runner import Drop, Message, RuleContext
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay import paths
-from relay.pipeline import Drop, Message, RuleContext
-from relay.schema import FieldError
+from relay.config.fields import FieldError
+from relay.pipeline import dotted
+from relay.pipeline.runner import Drop, Message, RuleContext
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,17 @@ class SetField:
     _parts: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not paths.valid(self.path):
+        if not dotted.valid(self.path):
             raise FieldError("path", f"must be a dotted path like a.b.c; got {self.path!r}")
-        object.__setattr__(self, "_parts", paths.split(self.path))
+        object.__setattr__(self, "_parts", dotted.split(self.path))
 
     async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         return self.apply_now(message, ctx)
 
     def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        if paths.same(paths.get(message, self._parts, _UNSET), self.value):
+        if dotted.same(dotted.get(message, self._parts, _UNSET), self.value):
             return message
-        return paths.replaced(message, self._parts, self.value)
+        return dotted.replaced(message, self._parts, self.value)
 
 
 _UNSET = object()

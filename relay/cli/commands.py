@@ -1,0 +1,161 @@
+"""The `relay` command: parses arguments and calls into the package."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+
+from relay import logs, server, workers
+from relay.cli import queue as queue_commands
+from relay.config import model as config
+from relay.ingest.segment import PayloadError
+from relay.ops import report, try_rules
+from relay.outbox import salvage, worker_files
+from relay.state.redis_store import FAILURES
+
+EXIT_CONFIG = config.EXIT_INVALID
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one sub-command; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    code: int = args.func(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="A gateway for Segment-protocol analytics: it accepts what the"
+        " SDKs send, applies the rules of one YAML file, stores every message in SQLite and"
+        " forwards it in batches to each vendor.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    default = os.environ.get("RELAY_CONFIG", config.DEFAULT_PATH)
+    commands = {}
+    for name, func, text in (
+        ("serve", _serve, "run relay: accept, store and forward messages"),
+        ("check", _check, "validate a config file and exit"),
+        ("try", _try, "show what the rules do to a payload; stores, sends and remembers nothing"),
+        ("report", _report, "users in several groups, internal users seen, rule counts"),
+        ("salvage", _salvage, "copy what is readable of a damaged database into a new file"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", default=default,
+                         help=f"config file (default: $RELAY_CONFIG or {config.DEFAULT_PATH})")
+        cmd.set_defaults(func=func)
+        commands[name] = cmd
+    commands["try"].add_argument("file", nargs="?", default="-",
+                                 help="a payload as an SDK sends it (default: - for stdin)")
+    commands["try"].add_argument("--route", help="the path it is sent to, e.g. /v1/t (default:"
+                                 " /v1/batch for a batch, else /v1/<type>)")
+    commands["report"].add_argument("--json", action="store_true", help="print JSON")
+    commands["salvage"].add_argument("--to", required=True, metavar="NEW",
+                                     help="the new database file to write (must not exist)")
+    log_format = os.environ.get("RELAY_LOG_FORMAT", "human")
+    commands["serve"].add_argument(
+        "--log-format", choices=("human", "json"),
+        default=log_format if log_format in ("human", "json") else "human",
+        help="log lines for people, or JSON lines (default: $RELAY_LOG_FORMAT or human)")
+    queue_commands.add(sub, default)
+    return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    _check_notes(loaded)
+    print(f"{args.config}: ok ({len(loaded.upstreams)} upstream(s), {len(loaded.rules)} rule(s))")
+    return 0
+
+
+def _check_notes(loaded: config.Config) -> None:
+    for note in loaded.warnings:
+        print(note, file=sys.stderr)
+
+
+def _try(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    try:
+        if args.file == "-":
+            body = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as fh:
+                body = fh.read()
+        lines = asyncio.run(try_rules.run(loaded, body, args.route))
+    except OSError as exc:
+        print(f"relay try: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except PayloadError as exc:
+        print(f"relay try: {exc.message}", file=sys.stderr)
+        return 1
+    print("\n".join(lines).rstrip())
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    try:
+        built = asyncio.run(report.build(loaded))
+    except FAILURES as exc:
+        print(f"relay report: cannot read user state from Redis ({exc})", file=sys.stderr)
+        return 1
+    print(json.dumps(built, indent=2) if args.json else "\n".join(report.text(built)))
+    return 0
+
+
+def _salvage(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    try:
+        copied = salvage.salvage(loaded.storage.path, args.to)
+    except salvage.SalvageError as exc:
+        print(f"relay salvage: {exc}", file=sys.stderr)
+        return 1
+    for table, rows in copied.items():
+        print(f"{table}: {rows} row(s)")
+    print(f"{loaded.storage.path} is unchanged. To run on what was saved: stop relay, move"
+          f" {loaded.storage.path} aside (keep it), move {args.to} to {loaded.storage.path}.")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    worker = workers.worker_number()
+    logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format, worker)
+    if loaded.workers > 1 and worker is None:
+        argv = ["serve", "--config", args.config, "--log-format", args.log_format]
+        return workers.Supervisor(loaded, argv).run()
+    if worker is not None:
+        loaded = dataclasses.replace(loaded, worker=worker)
+    else:
+        worker_files.merge_leftovers(loaded)
+    try:
+        server.run(loaded)
+    except sqlite3.DatabaseError as exc:
+        print(f"relay: cannot open storage {loaded.database}: {exc}\n"
+              "  Nothing was changed. Keep a copy of the file; then either copy what is still"
+              f" readable into a new file (relay salvage --config {args.config} --to NEW.db) and"
+              " move that into place, or move the file away to start with an empty queue.",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relay: cannot listen on {loaded.listen}: {exc}", file=sys.stderr)
+        return 1
+    return 0

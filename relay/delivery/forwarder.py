@@ -1,0 +1,295 @@
+"""Drains one upstream's outbox: batches, backoff, Retry-After, bisecting, dead letters, pauses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import sqlite3
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from relay import clock
+from relay.config.model import Upstream
+from relay.ingest import segment
+from relay.metrics import Metrics
+from relay.outbox.group_commit import StorageError
+from relay.outbox.store import Outbox, Pending
+
+log = logging.getLogger("relay.forwarder")
+
+RETRY_AFTER_CAP = 300.0
+LINGER_SECONDS = 0.05
+STORAGE_RETRY_SECONDS = 1.0
+FAILURE_LOG_SECONDS = 60.0  # while an upstream keeps failing, one line a minute is enough
+ANSWER_SNIPPET = 500
+# Deletes of delivered batches left to commit while the next batch is sent. With one, each batch
+# waited for the last one's delete (and now and then a WAL checkpoint) before its own could start:
+# two let the forwarder go on meanwhile, and a crash sends at most three batches again.
+ACKS_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the upstream said to one batch; status 0 when it said nothing (refused, timed out)."""
+
+    status: int
+    text: str
+    retry_after: float | None = None
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        if parsed is None or parsed.tzinfo is None:
+            return None
+        seconds = (parsed - clock.now()).total_seconds()
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def retryable(status: int) -> bool:
+    """Whether keeping the batch and trying again later is right for `status` (§3.8)."""
+    return status == 0 or status in (408, 410, 429, 460) or status >= 500
+
+
+class Forwarder:
+    """Sends one upstream everything its queue holds, in order, for as long as relay runs."""
+
+    def __init__(self, upstream: Upstream, outbox: Outbox, session: aiohttp.ClientSession,
+                 metrics: Metrics) -> None:
+        self.upstream = upstream
+        self.outbox = outbox
+        self.session = session
+        self.metrics = metrics
+        self._last_failure_log = -FAILURE_LOG_SECONDS
+        self.url = segment.batch_url(upstream.kind, upstream.url)
+        self.failures = 0
+        self.paused = False
+        self._deadline: float | None = None
+        self._stop = asyncio.Event()
+        self._ahead: asyncio.Task[list[Pending]] | None = None  # the next batch, read ahead
+        self._acking: list[asyncio.Task[None]] = []  # delivered batches' deletes, oldest first
+
+    def stop(self, grace_seconds: float) -> None:
+        """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
+        self._deadline = time.monotonic() + grace_seconds
+        self._stop.set()
+        self.outbox.signal(self.upstream.name).set()  # wake an idle loop to notice at once
+
+    async def run(self) -> None:
+        """The delivery loop; returns after `stop` once the queue is empty or the grace is over."""
+        signal = self.outbox.signal(self.upstream.name)
+        try:
+            await self._deliver_all(signal)
+        finally:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:  # stopped while a batch was read ahead: not needed now
+                ahead.cancel()
+                if ahead.done() and not ahead.cancelled():
+                    ahead.exception()  # retrieved, so that asyncio does not log it
+            # What was delivered is deleted before relay stops, not sent again on the next start.
+            with contextlib.suppress(StorageError, sqlite3.Error):
+                await self._acked()
+
+    async def _deliver_all(self, signal: asyncio.Event) -> None:
+        while not self._out_of_time():
+            signal.clear()
+            try:
+                if self._ahead is None:
+                    await self._acked()  # a read from the start must not see what was sent
+                batch = self._fit(await (self._ahead or self._read()))
+                self._ahead = None
+                if not batch:
+                    if self._stop.is_set():
+                        return
+                    await _wait(signal, 1.0)
+                    continue
+                if len(batch) == self.upstream.max_batch_messages:
+                    # A backlog: the next batch is read while this one is on its way (ids
+                    # only grow, so what follows this batch now is what will follow it then).
+                    self._ahead = asyncio.create_task(self._read(after=batch[-1].id))
+                wait = await self.deliver(batch)
+            except (StorageError, sqlite3.Error) as exc:
+                # Delivered but not yet deleted is fine: it is sent again, and the vendor
+                # deduplicates on messageId. Losing the loop is not.
+                wait = self._storage_failed(exc)
+            if wait is not None:
+                if self._ahead is not None:
+                    await _discard(self._ahead)  # this batch is read again first
+                    self._ahead = None
+                await self._sleep(wait)
+            elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
+                # Under a steady stream, a short pause fills the next batch instead of sending
+                # many small ones; when idle it only delays the next message by as much.
+                await _wait(self._stop, LINGER_SECONDS)
+
+    async def _read(self, after: int = 0) -> list[Pending]:
+        return await self.outbox.next_batch(
+            self.upstream.name, self.upstream.max_batch_messages, self.upstream.max_batch_bytes,
+            by_key=not self.upstream.write_key, after=after)
+
+    def _fit(self, batch: list[Pending]) -> list[Pending]:
+        """The head of `batch` whose whole request body, envelope included, stays within
+        max_batch_bytes (a single message is sent whatever its size: the vendor judges it)."""
+        if not batch:
+            return batch
+        key = self.upstream.write_key or batch[0].write_key
+        budget = self.upstream.max_batch_bytes - len(
+            segment.batch_body(self.upstream.kind, [], key, clock.now()))
+        size = 0
+        for count, pending in enumerate(batch):
+            size += len(pending.body) + (1 if count else 0)
+            if size > budget:
+                return batch[:max(count, 1)]
+        return batch
+
+    async def deliver(self, batch: list[Pending]) -> float | None:
+        """Sends `batch`; None when it was settled (sent or set aside), else seconds to wait."""
+        answer = await self.post(batch)
+        self.metrics.deliveries.labels(self.upstream.name, str(answer.status or "error")).inc()
+        self.metrics.batch_messages.observe(len(batch))
+        if 200 <= answer.status < 300:
+            if len(self._acking) >= ACKS_IN_FLIGHT:
+                await self._acking.pop(0)
+            self._acking.append(asyncio.create_task(self.outbox.ack(batch)))
+            self._recovered()
+            return None
+        if answer.status in (400, 413):
+            return await self._bisect(batch, answer)
+        if retryable(answer.status):
+            return self._backoff(answer, len(batch))
+        if answer.status in (401, 403) or 300 <= answer.status < 400:
+            return self._pause(answer)
+        await self._dead_letter(batch, answer)
+        return None
+
+    async def post(self, batch: list[Pending]) -> Answer:
+        """One batch request; network failures and timeouts are status 0."""
+        key = self.upstream.write_key or batch[0].write_key
+        body = segment.batch_body(self.upstream.kind, [p.body for p in batch], key, clock.now())
+        timeout = aiohttp.ClientTimeout(total=self.upstream.timeout_seconds)
+        try:
+            async with self.session.post(
+                self.url, data=body, headers=segment.batch_headers(key),
+                timeout=timeout, allow_redirects=False,
+            ) as response:
+                text = await response.text(errors="replace")
+                wait = retry_after(response.headers.get("Retry-After"))
+                return Answer(response.status, text[:ANSWER_SNIPPET], wait)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return Answer(0, f"{type(exc).__name__}: {exc}"[:ANSWER_SNIPPET])
+
+    async def _acked(self) -> None:
+        """Waits for the deletes of delivered batches, which commit while the next batches are
+        on their way; raises the first failure, once all have ended. Those messages are then
+        still stored and are sent again: the vendor deduplicates on messageId."""
+        failure: BaseException | None = None
+        while self._acking:
+            try:
+                await self._acking.pop(0)
+            except (StorageError, sqlite3.Error) as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def _bisect(self, batch: list[Pending], answer: Answer) -> float | None:
+        """A refused batch split in halves until the message the upstream rejects stands alone."""
+        if len(batch) == 1:
+            await self._dead_letter(batch, answer)
+            return None
+        middle = len(batch) // 2
+        for half in (batch[:middle], batch[middle:]):
+            wait = await self.deliver(half)
+            if wait is not None:
+                return wait
+        return None
+
+    async def _dead_letter(self, batch: list[Pending], answer: Answer) -> None:
+        await self.outbox.dead_letter(self.upstream.name, batch, answer.status, answer.text)
+        self.metrics.dead_letters.labels(self.upstream.name).inc(len(batch))
+        log.error(
+            "upstream %s: %d message(s) dead-lettered, answer %d: %s",
+            self.upstream.name, len(batch), answer.status, _one_line(answer.text),
+        )
+
+    def _backoff(self, answer: Answer, batch_size: int) -> float:
+        self.failures += 1
+        ceiling = min(
+            self.upstream.backoff_max_seconds,
+            self.upstream.backoff_initial_seconds * 2 ** min(self.failures - 1, 30),
+        )
+        wait = random.uniform(ceiling / 2, ceiling)
+        if answer.retry_after is not None:
+            wait = max(wait, answer.retry_after)
+        self.metrics.retries.labels(self.upstream.name).inc()
+        now = time.monotonic()
+        if self.failures == 1 or now - self._last_failure_log >= FAILURE_LOG_SECONDS:
+            self._last_failure_log = now
+            log.warning(
+                "upstream %s: batch of %d failed (%s), attempt %d; messages kept, next try in"
+                " %.1fs", self.upstream.name, batch_size, _describe(answer), self.failures, wait,
+            )
+        return wait
+
+    def _storage_failed(self, exc: Exception) -> float:
+        now = time.monotonic()
+        if now - self._last_failure_log >= FAILURE_LOG_SECONDS:
+            self._last_failure_log = now
+            log.warning("upstream %s: cannot read or update the outbox (%s); trying again",
+                        self.upstream.name, exc)
+        return STORAGE_RETRY_SECONDS
+
+    def _pause(self, answer: Answer) -> float:
+        if not self.paused:
+            log.error(
+                "upstream %s: paused, answer %s; messages are kept. Check its url and write_key;"
+                " relay tries again every %.0fs",
+                self.upstream.name, _describe(answer), self.upstream.pause_seconds,
+            )
+        self.paused = True
+        return self.upstream.pause_seconds
+
+    def _recovered(self) -> None:
+        if self.failures or self.paused:
+            log.warning("upstream %s: delivering again", self.upstream.name)
+        self.failures = 0
+        self.paused = False
+
+    def _out_of_time(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._deadline is None:
+            await _wait(self._stop, seconds)  # a stop wakes it for one last try within the grace
+        else:
+            await asyncio.sleep(min(seconds, max(self._deadline - time.monotonic(), 0.0)))
+
+
+async def _discard(task: asyncio.Task[list[Pending]]) -> None:
+    """Lets a read ahead finish unused; its failure, if any, is met again on the next read."""
+    with contextlib.suppress(StorageError, sqlite3.Error):
+        await task
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+
+
+def _describe(answer: Answer) -> str:
+    if answer.status == 0:
+        return answer.text
+    return f"{answer.status} {_one_line(answer.text)[:120]}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

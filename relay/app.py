@@ -13,10 +13,11 @@ from aiohttp import web
 
 from relay.config.model import Config
 from relay.delivery.forwarder import Forwarder
-from relay.http import cdn, client_address, cors
+from relay.http import cdn, client_address, cors, event_routes
 from relay.ingest import segment
-from relay.ingest.receiver import Ingest, mask
+from relay.ingest.receiver import Ingest
 from relay.ingest.release import Releaser
+from relay.logs import mask
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.ops import queue, report
 from relay.outbox import stats as outbox_stats
@@ -27,7 +28,7 @@ from relay.reloader import Reloader
 from relay.state.redis_store import FAILURES, RedisStore
 from relay.state.shared import SharedState
 from relay.state.shipper import Shipper
-from relay.state.sqlite import SqliteState
+from relay.state.sqlite import UNGROUPED, SqliteState
 
 log = logging.getLogger("relay")
 
@@ -39,7 +40,8 @@ class Relay:
         self.config = config
         storage = config.storage
         self.outbox = Outbox(config.database, [u.name for u in config.upstreams],
-                             storage.synchronous, Capacity(storage.max_bytes, storage.when_full))
+                             storage.synchronous, Capacity(storage.max_bytes, storage.when_full),
+                             additive=(UNGROUPED,))
         self.metrics = Metrics()
         self.store: RedisStore | None = None
         self.state: SqliteState
@@ -173,16 +175,13 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def build(config: Config, middlewares: Sequence[Any] = ()) -> web.Application:
     """The Application for `config`; storage opens when it starts."""
     app = web.Application(middlewares=middlewares)
     relay = Relay(config)
     app[RELAY] = relay
     app.cleanup_ctx.append(relay.lifecycle)
-    app.add_routes(relay.ingest.routes())
+    app.add_routes(event_routes.routes(relay.ingest))
     _add_browser_parts(app, relay)
     app.add_routes([web.get("/healthz", _healthz)])
     if not config.admin.listen:

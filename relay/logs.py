@@ -82,3 +82,8 @@ def configure(level: str, fmt: Format, worker: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def mask(key: str) -> str:
+    """A write key as logs may show it: enough to tell keys apart, never enough to use one."""
+    return f"{key[:4]}…" if len(key) > 8 else "…" if key else "(none)"

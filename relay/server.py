@@ -19,7 +19,7 @@ except ImportError:  # Windows: it does not exist there
 
 from relay import app
 from relay.config.model import Config, Limits
-from relay.http import client_address, connection
+from relay.http import client_address, connection, event_routes
 from relay.http.admission import Connections
 from relay.http.listener_state import Door
 
@@ -54,7 +54,8 @@ class Inflight:
         self.idle.set()
 
     @web.middleware
-    async def middleware(self, request: web.Request, handler: app.Handler) -> web.StreamResponse:
+    async def middleware(self, request: web.Request,
+                         handler: event_routes.Handler) -> web.StreamResponse:
         self.count += 1
         self.idle.clear()
         try:

@@ -1,6 +1,6 @@
 """`relay serve` with `workers: N` above 1: this process starts N worker processes that each serve
 `listen` (the kernel spreads connections over them: SO_REUSEPORT), each with its own SQLite file
-(`relay.outbox.worker_files`) and forwarders, all sharing user state through Redis. It forwards
+(`relay.ops.worker_files`) and forwarders, all sharing user state through Redis. It forwards
 SIGTERM,
 SIGINT and SIGHUP to them, starts again one that dies, and ends when they all have.
 
@@ -25,7 +25,7 @@ from types import FrameType
 from prometheus_client import multiprocess
 
 from relay.config.model import Config
-from relay.outbox import worker_files
+from relay.ops import worker_files
 
 log = logging.getLogger("relay")
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings, target
 from hypothesis import strategies as st
 
 from relay import clock
+from relay.delivery import vendor_batch
 from relay.ingest import segment
 from relay.ingest.receipt import Receipt
 from relay.ingest.segment import PayloadError, Route
@@ -167,11 +168,11 @@ def test_wants_ip_only_where_the_vendor_would():
 def test_batch_body_per_kind():
     """Segment batches carry writeKey in the body; June and RudderStack batches do not."""
     sent = datetime(2026, 1, 1, tzinfo=UTC)
-    seg = json.loads(segment.batch_body("segment", ['{"a":1}', '{"b":2}'], "K", sent))
+    seg = json.loads(vendor_batch.batch_body("segment", ['{"a":1}', '{"b":2}'], "K", sent))
     assert seg == {"batch": [{"a": 1}, {"b": 2}], "sentAt": clock.iso(sent), "writeKey": "K"}
-    june = json.loads(segment.batch_body("june", ['{"a":1}'], "K", sent))
+    june = json.loads(vendor_batch.batch_body("june", ['{"a":1}'], "K", sent))
     assert "writeKey" not in june
-    assert segment.batch_url("june", "http://h/") == "http://h/sdk/batch"
+    assert vendor_batch.batch_url("june", "http://h/") == "http://h/sdk/batch"
     assert segment.batch_headers("K")["Authorization"] == "Basic " + b64("K:")
     assert "Authorization" not in segment.batch_headers("")
 

@@ -27,8 +27,7 @@ from fakes import FakeUpstream, Reply, free_port
 
 from relay.cli import commands
 from relay.config import model as config
-from relay.delivery import replay
-from relay.ops import queue, queue_db
+from relay.ops import queue, queue_db, replay
 from relay.ops.progress import Bar
 
 KEY = "wk-secret-4242"

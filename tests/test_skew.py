@@ -8,9 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay import clock
-from relay.ingest import skew
-from relay.ingest.skew import Skew
+from relay import clock, skew
+from relay.skew import Skew
 
 RECEIVED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 

@@ -15,8 +15,7 @@ from relay import logs, server, workers
 from relay.cli import queue as queue_commands
 from relay.config import model as config
 from relay.ingest.segment import PayloadError
-from relay.ops import report, try_rules
-from relay.outbox import salvage, worker_files
+from relay.ops import report, salvage, try_rules, worker_files
 from relay.state.redis_store import FAILURES
 
 EXIT_CONFIG = config.EXIT_INVALID

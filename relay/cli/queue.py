@@ -10,8 +10,7 @@ import sys
 from collections.abc import Callable
 
 from relay.config import model as config
-from relay.delivery import replay
-from relay.ops import progress, queue, queue_db
+from relay.ops import progress, queue, queue_db, replay
 
 EXIT_CONFIG = config.EXIT_INVALID
 

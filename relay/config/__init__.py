@@ -1,3 +1,3 @@
-"""The YAML model (`model`), loading it with file:line and `${VAR}` (`yaml_source`), typed
-fields with did-you-mean (`fields`), and the rule set built from it (`ruleset`).
+"""The YAML model of relay's config (`model`: `load` and `Config`), `${VAR}` in values, and the rule
+set built from its `rules:` (`ruleset`); each problem reported as file:line with a did-you-mean.
 """

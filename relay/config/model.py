@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from relay.config import fields, ruleset, yaml_source
-from relay.config.fields import FieldError
+from relay.config import ruleset
 from relay.http import client_address, cors
+from relay.options import fields, yaml_source
+from relay.options.fields import FieldError
 from relay.pipeline.runner import Step
 
 DEFAULT_PATH = "config/relay.yaml"
@@ -226,7 +227,7 @@ class Config(_Listening):
     @property
     def database(self) -> str:
         """This process's SQLite file: `storage.path`, or with workers the worker's own
-        (`relay.outbox.worker_files`)."""
+        (`relay.ops.worker_files`)."""
         if self.worker == 1:
             return self.storage.path
         base = Path(self.storage.path)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.config import fields
-from relay.config.yaml_source import Path, Source
+from relay.options import fields
+from relay.options.yaml_source import Path, Source
 from relay.pipeline.condition import compile_when
 from relay.pipeline.runner import Rule, Step
-from relay.rules import REGISTRY
+from relay.rules import REGISTRY, DropInternalUsers, OneGroupPerUser
 
 COMMON = ("type", "id", "when")
 
@@ -52,8 +52,8 @@ def _step(index: int, item: Any, path: Path, source: Source) -> Step | None:
 
 def warnings(steps: tuple[Step, ...], source: Source) -> tuple[str, ...]:
     """Orders that load fine but do not do what their author most likely wants."""
-    order = [type(step.rule).__name__ for step in steps]
-    grouped, internal = "OneGroupPerUser", "DropInternalUsers"
+    order: list[type] = [type(step.rule) for step in steps]
+    grouped, internal = OneGroupPerUser, DropInternalUsers
     if grouped in order and internal in order and order.index(internal) < order.index(grouped):
         path = ("rules", order.index(internal))
         return (

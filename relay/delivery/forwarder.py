@@ -15,7 +15,7 @@ import aiohttp
 
 from relay import clock
 from relay.config.model import Upstream
-from relay.ingest import segment
+from relay.delivery import vendor_batch
 from relay.metrics import Metrics
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Outbox, Pending
@@ -71,7 +71,7 @@ class Forwarder:
         self.session = session
         self.metrics = metrics
         self._last_failure_log = -FAILURE_LOG_SECONDS
-        self.url = segment.batch_url(upstream.kind, upstream.url)
+        self.url = vendor_batch.batch_url(upstream.kind, upstream.url)
         self.failures = 0
         self.paused = False
         self._deadline: float | None = None
@@ -144,7 +144,7 @@ class Forwarder:
             return batch
         key = self.upstream.write_key or batch[0].write_key
         budget = self.upstream.max_batch_bytes - len(
-            segment.batch_body(self.upstream.kind, [], key, clock.now()))
+            vendor_batch.batch_body(self.upstream.kind, [], key, clock.now()))
         size = 0
         for count, pending in enumerate(batch):
             size += len(pending.body) + (1 if count else 0)
@@ -175,11 +175,12 @@ class Forwarder:
     async def post(self, batch: list[Pending]) -> Answer:
         """One batch request; network failures and timeouts are status 0."""
         key = self.upstream.write_key or batch[0].write_key
-        body = segment.batch_body(self.upstream.kind, [p.body for p in batch], key, clock.now())
+        body = vendor_batch.batch_body(self.upstream.kind, [p.body for p in batch], key,
+                                       clock.now())
         timeout = aiohttp.ClientTimeout(total=self.upstream.timeout_seconds)
         try:
             async with self.session.post(
-                self.url, data=body, headers=segment.batch_headers(key),
+                self.url, data=body, headers=vendor_batch.batch_headers(key),
                 timeout=timeout, allow_redirects=False,
             ) as response:
                 text = await response.text(errors="replace")

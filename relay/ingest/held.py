@@ -13,9 +13,8 @@ behind them, so that their order is kept.
 from __future__ import annotations
 
 from relay.ingest import segment
-from relay.ingest.segment import Message
 from relay.metrics import Metrics
-from relay.pipeline import identity
+from relay.pipeline import Message, identity
 from relay.state.shared import SharedState
 from relay.state.sqlite import user_ref
 

@@ -7,8 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from relay import clock
-from relay.ingest import skew
+from relay import clock, skew
 
 MAX_MESSAGE_ID = 100
 

@@ -1,27 +1,24 @@
-"""The inbound HTTP side: the vendors' routes, limits, auth, and the answer only once stored."""
+"""A request's messages, from its body as sent to its answer: limits, auth, decoding, the rules,
+and 200 only once what is left is stored. No HTTP here: `relay.http` hands over the route, the
+headers that matter and the body, and writes the `Answer`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
-
 from relay import clock
-from relay.http import client_address
 from relay.ingest import held, segment
 from relay.ingest.receipt import Receipt
-from relay.ingest.segment import Message, PayloadError, Route
+from relay.ingest.segment import PayloadError, Route
+from relay.logs import mask
 from relay.metrics import Metrics, Tally
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Entry, Outbox
+from relay.pipeline import Message
 from relay.pipeline.runner import Outcome, Pipeline, RuleContext
 from relay.state.shared import SharedState
 from relay.state.sqlite import SqliteState
@@ -30,9 +27,6 @@ log = logging.getLogger("relay.ingest")
 
 OK = b'{"success": true}'
 STORAGE_RETRY_AFTER = "5"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -51,22 +45,12 @@ class Answer:
     def with_headers(self, extra: tuple[tuple[str, str], ...]) -> Answer:
         return Answer(self.status, self.body, self.headers + extra) if extra else self
 
-    def response(self) -> web.Response:
-        """As aiohttp's response."""
-        return web.Response(status=self.status, body=self.body, headers=dict(self.headers),
-                            content_type="application/json")
-
 
 OK_ANSWER = Answer(200, OK)
 
 
-def mask(key: str) -> str:
-    """A write key as logs may show it: enough to tell keys apart, never enough to use one."""
-    return f"{key[:4]}…" if len(key) > 8 else "…" if key else "(none)"
-
-
 class Ingest:
-    """Turns SDK requests into stored messages; one handler per route of `segment.routes()`."""
+    """Turns SDK requests into stored messages, for every route of `segment.routes()`."""
 
     def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, state: SqliteState,
                  outbox: Outbox, metrics: Metrics, *, body_seconds: float) -> None:
@@ -77,24 +61,6 @@ class Ingest:
         self.outbox = outbox
         self.metrics = metrics
         self.body_seconds = body_seconds
-
-    def routes(self) -> list[web.RouteDef]:
-        """A POST route for every inbound path."""
-        return [web.post(route.path, self._handler(route)) for route in segment.routes()]
-
-    def _handler(self, route: Route) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            try:
-                raw = await read_body(request, self.body_seconds)
-            except PayloadError as exc:
-                self.metrics.answered(route.path, exc.status)
-                return Answer.error(exc.status, exc.code, exc.message).response()
-            answer = await self.answer(route, raw, request.headers.get("Content-Encoding", ""),
-                                       request.headers.get("Authorization"),
-                                       client_address.client(request))
-            return answer.response()
-
-        return handle
 
     async def answer(self, route: Route, raw: bytes, encoding: str, authorization: str | None,
                      remote: str | None) -> Answer:
@@ -252,27 +218,3 @@ class Seen:
 def _add(counts: dict[Any, int], key: Any) -> None:
     counts[key] = counts.get(key, 0) + 1
 
-
-async def read_body(request: web.Request, seconds: float) -> bytes:
-    """The body as sent; 413 as soon as it passes the limit, 408 when it is too slow."""
-    limit = segment.MAX_REQUEST_BYTES
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadError(413, "request_too_large", f"request body is over {limit} bytes")
-    if request.content.is_eof() and request.content_length is not None:
-        # The whole body is already buffered: no reading to wait for, so no timer to arm.
-        return await request.content.read()
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(seconds):
-            async for chunk in request.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadError(413, "request_too_large", f"body is over {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise PayloadError(408, "body_timeout", f"body not read within {seconds}s") from None
-    except (HttpProcessingError, RequestPayloadError) as exc:
-        detail = str(exc).strip().splitlines()[-1].strip()
-        raise PayloadError(400, "invalid_body", f"cannot read body: {detail}") from None
-    return b"".join(chunks)

@@ -15,6 +15,7 @@ from relay.ingest import segment
 from relay.ingest.receiver import Ingest, Seen
 from relay.metrics import Metrics
 from relay.outbox.store import Outbox
+from relay.pipeline import Message
 from relay.state.redis_store import RedisStore
 from relay.state.shared import SharedState
 
@@ -58,7 +59,7 @@ class Releaser:
 
     async def _release(self, key: str, route: str, rows: list[tuple[Any, ...]]) -> None:
         ingest = self.ingest()
-        ready: list[tuple[segment.Message, str | None]] = [
+        ready: list[tuple[Message, str | None]] = [
             (orjson.loads(row[4]), row[4]) for row in rows]
         seen = Seen()
         budget = segment.Budget(sum(len(row[4]) for row in rows))

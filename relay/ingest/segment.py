@@ -8,16 +8,12 @@ import functools
 import json
 import zlib
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import orjson
 
-from relay import clock
+from relay.pipeline import TYPES, Message
 
-Message = dict[str, Any]
-
-TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_WRITE_KEY = 256
@@ -305,26 +301,3 @@ def dumps(message: Message) -> str:
         return fast.decode("ascii")
     return json.dumps(message, separators=(",", ":"), allow_nan=False)
 
-
-BATCH_PATHS = {"segment": "/v1/batch", "rudderstack": "/v1/batch", "june": "/sdk/batch"}
-
-
-def batch_url(kind: str, base_url: str) -> str:
-    """Where an upstream of `kind` takes batches."""
-    return base_url.rstrip("/") + BATCH_PATHS[kind]
-
-
-def batch_body(kind: str, bodies: list[str], key: str, sent_at: datetime) -> bytes:
-    """A batch request body from stored messages, joined without re-parsing them."""
-    tail = f',"sentAt":"{clock.iso(sent_at)}"'
-    if kind == "segment" and key:
-        tail += f',"writeKey":{json.dumps(key)}'
-    return ('{"batch":[' + ",".join(bodies) + "]" + tail + "}").encode()
-
-
-def batch_headers(key: str) -> dict[str, str]:
-    """Headers for a batch: Basic auth with the key as user and an empty password (§1.2)."""
-    headers = {"Content-Type": "application/json", "User-Agent": "relay/0.1"}
-    if key:
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
-    return headers

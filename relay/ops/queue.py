@@ -18,7 +18,8 @@ import aiohttp
 
 from relay import clock
 from relay.config.model import Config
-from relay.ingest.receiver import mask
+from relay.logs import mask
+from relay.ops import worker_files
 from relay.ops.progress import Progress, silent
 from relay.ops.queue_db import (
     CHUNK,
@@ -32,7 +33,6 @@ from relay.ops.queue_db import (
     transaction,
 )
 from relay.outbox import stats as outbox_stats
-from relay.outbox import worker_files
 from relay.outbox.stats import QueueStats
 
 # A message of the user: by the column the outbox orders by, or by either id in its body.

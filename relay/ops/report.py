@@ -13,7 +13,7 @@ import aiosqlite
 
 from relay.config.model import Config
 from relay.metrics import Metrics
-from relay.outbox import worker_files
+from relay.ops import worker_files
 from relay.state.redis_store import RedisStore
 
 

@@ -11,6 +11,7 @@ from relay.config.model import Config
 from relay.ingest import segment
 from relay.ingest.receipt import Receipt
 from relay.ingest.segment import PayloadError, Route
+from relay.pipeline import TYPES
 from relay.pipeline.runner import Effect, Outcome, Pipeline, RuleContext
 from relay.state.sqlite import SqliteState
 
@@ -27,7 +28,7 @@ def route_for(payload: Any, path: str | None) -> Route:
     if isinstance(payload, dict) and "batch" in payload:
         return routes["/v1/batch"]
     kind = payload.get("type") if isinstance(payload, dict) else None
-    if kind not in segment.TYPES:
+    if kind not in TYPES:
         raise PayloadError(400, "unknown_type", "a single call needs a 'type' (identify, track,"
                            " page, screen, group, alias), or give --route")
     return routes[f"/v1/{kind}"]

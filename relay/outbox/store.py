@@ -16,7 +16,6 @@ from relay.outbox import stats as outbox_stats
 from relay.outbox.capacity import Capacity, OutboxFull
 from relay.outbox.group_commit import GroupCommit, StorageError
 from relay.outbox.writer import Statement, Writer
-from relay.state import sqlite as sqlite_state
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -96,20 +95,21 @@ _DEAD = ("INSERT INTO dead_letters (upstream, write_key, user_key, body, enqueue
 _COUNT = ("INSERT INTO counters (name, count) VALUES (?, ?)"
           " ON CONFLICT(name) DO UPDATE SET count = count + excluded.count")
 # Upserts whose rows are (key, n) and add n to the key's row: rows for one key may be summed.
-_ADDITIVE = frozenset({_COUNT, sqlite_state.UNGROUPED})
+# Other stages' statements of that kind are named by whoever opens the outbox (`additive`).
+_ADDITIVE = frozenset({_COUNT})
 
 
 class Outbox:
     """One SQLite file (WAL): every upstream's queue of messages, written by group commit."""
 
     def __init__(self, path: str, upstreams: Sequence[str], synchronous: str = "full",
-                 capacity: Capacity | None = None) -> None:
+                 capacity: Capacity | None = None, additive: Iterable[str] = ()) -> None:
         self.path = path
         self.capacity = capacity or Capacity(0, "reject")
         self.upstreams = tuple(upstreams)
         self.synchronous = synchronous.upper()
         self._writer = Writer(path)
-        self._group = GroupCommit(self._writer, _PROBE, _ADDITIVE)
+        self._group = GroupCommit(self._writer, _PROBE, _ADDITIVE | frozenset(additive))
         self._reader: aiosqlite.Connection | None = None
         self._signals = {name: asyncio.Event() for name in self.upstreams}
         self._stats: tuple[float, list[outbox_stats.QueueStats]] | None = None

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from relay.config.fields import suggest
-from relay.config.yaml_source import Path, Source
-from relay.pipeline import dotted
+from relay.options.fields import suggest
+from relay.options.yaml_source import Path, Source
+from relay.pipeline import Message, dotted
 
-Message = dict[str, Any]
 _ABSENT = object()
 OPERATORS = ("equals", "in", "exists", "matches")
 EVENTS_REMEMBERED = 4096  # event names an `event:` glob remembers its verdict for

@@ -6,11 +6,9 @@ import functools
 import re
 from typing import Any
 
-from relay import clock
-from relay.ingest import skew
+from relay import clock, skew
+from relay.pipeline import Message
 from relay.state.sqlite import anon_ref, user_ref
-
-Message = dict[str, Any]
 
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
@@ -52,7 +50,7 @@ def primary_ref(message: Message) -> str | None:
 
 def event_time(message: Message) -> str:
     """When the event happened (its timestamp, else when relay received it), as ISO-8601 UTC to
-    the millisecond. Read by `relay.ingest.skew`'s integer path, shifted by nothing: a timestamp of
+    the millisecond. Read by `relay.skew`'s integer path, shifted by nothing: a timestamp of
     its
     own on every message misses any cache, and `datetime` took ~3 µs a group call."""
     for key in ("timestamp", "receivedAt"):

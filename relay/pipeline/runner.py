@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from relay.pipeline import Message
+
 if TYPE_CHECKING:
     from relay.pipeline.condition import Condition
     from relay.state.sqlite import State
 
-Message = dict[str, Any]
 
 log = logging.getLogger("relay.pipeline")
 

@@ -14,6 +14,8 @@ from relay.rules.rename_event import RenameEvent
 from relay.rules.sample import Sample
 from relay.rules.set import SetField
 
+__all__ = ["REGISTRY", "DropInternalUsers", "OneGroupPerUser"]
+
 REGISTRY: dict[str, type] = {
     "allow_properties": AllowProperties,
     "drop": DropMatching,

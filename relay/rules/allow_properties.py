@@ -7,8 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from relay.config.fields import FieldError
-from relay.pipeline.runner import Drop, Message, RuleContext
+from relay.options.fields import FieldError
+from relay.pipeline import Message
+from relay.pipeline.runner import Drop, RuleContext
 
 
 @dataclass(frozen=True)

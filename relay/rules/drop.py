@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.pipeline.runner import Drop, Message, RuleContext
+from relay.pipeline import Message
+from relay.pipeline.runner import Drop, RuleContext
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay.config.fields import FieldError
-from relay.pipeline import identity
-from relay.pipeline.runner import LATER, Drop, Later, Message, RuleContext
+from relay.options.fields import FieldError
+from relay.pipeline import Message, identity
+from relay.pipeline.runner import LATER, Drop, Later, RuleContext
 from relay.rules.one_group_per_user import current_group
 from relay.state.sqlite import State, anon_ref, user_ref
 

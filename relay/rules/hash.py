@@ -8,9 +8,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from relay.config.fields import FieldError
-from relay.pipeline import dotted
-from relay.pipeline.runner import Drop, Message, RuleContext
+from relay.options.fields import FieldError
+from relay.pipeline import Message, dotted
+from relay.pipeline.runner import Drop, RuleContext
 
 _ABSENT = object()
 

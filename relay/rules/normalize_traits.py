@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from relay.pipeline import Message
 from relay.pipeline.identity import normal_key
-from relay.pipeline.runner import Drop, Message, RuleContext
+from relay.pipeline.runner import Drop, RuleContext
 
 # The reserved traits of identify and group (Segment spec), as the spec spells them.
 RESERVED = (

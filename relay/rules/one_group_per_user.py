@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from relay.config.fields import FieldError
-from relay.ingest.segment import TYPES
-from relay.pipeline import identity
-from relay.pipeline.runner import LATER, Drop, Later, Message, RuleContext
+from relay.options.fields import FieldError
+from relay.pipeline import TYPES, Message, identity
+from relay.pipeline.runner import LATER, Drop, Later, RuleContext
 from relay.state.sqlite import MISSING, Missing, State, anon_ref, user_ref
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from relay.config.fields import FieldError
-from relay.pipeline import identity
-from relay.pipeline.runner import Drop, Message, RuleContext
+from relay.options.fields import FieldError
+from relay.pipeline import Message, identity
+from relay.pipeline.runner import Drop, RuleContext
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from relay.config.yaml_source import Path, Source
+from relay.options.yaml_source import Path, Source
 
 T = TypeVar("T")
 

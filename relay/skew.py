@@ -7,7 +7,7 @@ formatting each with `datetime` cost ~2.9 µs a message. The shapes SDKs send
 here in whole microseconds instead: the text's whole seconds are looked up (a batch's events
 share a few seconds), the fraction and the skew added as integers, and the result's whole
 seconds looked up as text. Anything else goes to `clock.shifted`, the reference, which gives the
-same answer for those shapes too (tests/test_skew.py holds them to it).
+same answer for those shapes too (tests/ingest/test_skew.py holds them to it).
 """
 
 from __future__ import annotations

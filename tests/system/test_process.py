@@ -19,7 +19,7 @@ import yaml
 from fakes import FakeUpstream, free_port
 from processes import AUTH, Load, RelayProcess, acks_grow, clean_env, wait_delivered
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GRACE = 1.0  # shutdown_grace_seconds as the write_config fixture writes it
 ServeConfig = Callable[[], tuple[Path, int]]
 KEPT = re.compile(r"stopped: (\d+) message\(s\) for seg kept for the next start")

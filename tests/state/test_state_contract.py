@@ -1,5 +1,5 @@
 """The user-state contract, on both backends: every case of `one_group_per_user` and
-`drop_internal_users` in tests/test_rules.py, played against one relay's SQLite state, and
+`drop_internal_users` in tests/rules/test_rules.py, played against one relay's SQLite state, and
 against two relays sharing one real Redis, the messages taking turns between them. The answers
 must be the same: what one relay learned, the other knows once it is shipped.
 

@@ -33,7 +33,7 @@ from processes import wait_ready
 
 from relay.config import model as config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 READY_SECONDS = 20.0
 # Up to 10 s for requests in flight, then shutdown_grace_seconds (5 in the shipped config).

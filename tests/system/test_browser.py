@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from fakes import free_port
 
-BROWSER = Path(__file__).resolve().parent / "browser"
+BROWSER = Path(__file__).resolve().parent.parent / "browser"
 MODULES = BROWSER / "node_modules"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SDKS = {"segment": MODULES / "@segment/analytics-next/dist/umd",

@@ -1,7 +1,8 @@
-"""Security, beyond tests/test_ingest.py (write keys answered 401), tests/test_operations.py
-(admin token; no secret in logs, refusals or /admin answers) and tests/test_container.py (a
-non-root USER): nothing stored for a refused key, no header or body field redirects relay's
-traffic (no SSRF), and no secret in `relay try` output or /metrics."""
+"""Security, beyond tests/ingest/test_ingest.py (write keys answered 401),
+tests/ops/test_operations.py (admin token; no secret in logs, refusals or /admin answers) and
+tests/system/test_container.py (a non-root USER): nothing stored for a refused key, no header
+or body field redirects relay's traffic (no SSRF), and no secret in `relay try` output or
+/metrics."""
 
 from __future__ import annotations
 

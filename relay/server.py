@@ -21,7 +21,7 @@ from relay import app
 from relay.config.model import Config, Limits
 from relay.http import client_address, connection, event_routes
 from relay.http.admission import Connections
-from relay.http.listener_state import Door
+from relay.http.listener_state import ListenerState
 
 log = logging.getLogger("relay")
 
@@ -80,7 +80,7 @@ def run(config: Config) -> None:
 
 
 class Listener:
-    """relay's Application listening on host:port: each connection starts with a Front (SDK
+    """relay's Application listening on host:port: each connection starts with a SdkConnection (SDK
     posts), which hands anything else to aiohttp. Counted against limits.max_connections."""
 
     def __init__(self, application: web.Application, config: Config) -> None:
@@ -89,7 +89,7 @@ class Listener:
         self.runner = web.AppRunner(application, handle_signals=False, shutdown_timeout=1.0,
                                     **server_options(config.limits))
         self.server: asyncio.Server | None = None
-        self.door: Door | None = None
+        self.shared: ListenerState | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.admin: web.AppRunner | None = None  # at admin.listen, when set
 
@@ -103,16 +103,16 @@ class Listener:
         assert fallback is not None
         limits = self.config.limits
         connections = Connections(limits.max_connections)
-        self.door = door = Door(
+        self.shared = shared = ListenerState(
             lambda: relay.ingest, fallback, self.application[app.CORS],
             self.application[client_address.PROXIES], limits.header_seconds, limits.body_seconds,
             connections)
-        relay.metrics.connections = door.held
+        relay.metrics.connections = shared.held
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: connections.protocol(lambda: connection.Front(door)), self.config.host,
-            self.config.port if port is None else port, backlog=128,
+            lambda: connections.protocol(lambda: connection.SdkConnection(shared)),
+            self.config.host, self.config.port if port is None else port, backlog=128,
             reuse_port=self.config.workers > 1 or None)
-        self._sweeper = asyncio.create_task(_sweep(door), name="sweep-connections")
+        self._sweeper = asyncio.create_task(_sweep(shared), name="sweep-connections")
         if self.config.admin.listen:
             await self._start_admin(admin_port)
 
@@ -144,14 +144,14 @@ class Listener:
         the Fronts, to be answered (their bodies still arrive)."""
         if self.server is not None:
             self.server.close()
-        door = self.door
-        if door is not None:
-            door.stopping = True
+        shared = self.shared
+        if shared is not None:
+            shared.stopping = True
         started = time.monotonic()
-        waits = [inflight.idle.wait()] + ([door.idle.wait()] if door is not None else [])
+        waits = [inflight.idle.wait()] + ([shared.idle.wait()] if shared is not None else [])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*waits), seconds)
-        left = inflight.count + (door.inflight if door is not None else 0)
+        left = inflight.count + (shared.inflight if shared is not None else 0)
         if left:
             log.warning("relay: %d request(s) still running after %.0fs; closing them",
                         left, time.monotonic() - started)
@@ -163,20 +163,20 @@ class Listener:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        if self.door is not None:
-            for connection in list(self.door.open):
+        if self.shared is not None:
+            for connection in list(self.shared.open):
                 connection.close()
         if self.admin is not None:
             await self.admin.cleanup()
         await self.runner.cleanup()
 
 
-async def _sweep(door: Door) -> None:
-    """Cuts off connections whose request head or body is too slow (Front.sweep)."""
+async def _sweep(shared: ListenerState) -> None:
+    """Cuts off connections whose request head or body is too slow (SdkConnection.sweep)."""
     while True:
         await asyncio.sleep(SWEEP_SECONDS)
         now = time.monotonic()
-        for each in list(door.open):
+        for each in list(shared.open):
             each.sweep(now)
 
 

@@ -12,14 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import cast
 
 import httptools
 
 from relay.http.answers import CONTINUE, FAILED, head
-from relay.http.listener_state import Call, Door, Handover, Refusal
-from relay.http.parser import PIECE, Intake
+from relay.http.limits import (
+    FREE_CHUNKS,
+    MAX_BODY_WIRE,
+    MAX_HEAD,
+    MAX_HEAD_WIRE,
+    MAX_HEADERS,
+    MAX_URL,
+    MIN_CHUNK,
+    PIECE,
+    VERSIONS,
+)
+from relay.http.listener_state import Call, Handover, ListenerState, Refusal, Work, header_text
+from relay.ingest import segment
 from relay.ingest.receiver import Answer
+from relay.ingest.segment import Route
 
 log = logging.getLogger("relay.front")
 
@@ -33,12 +46,33 @@ LINGER_IDLE = 2.0
 LINGER_MOST = 10.0
 
 
-class Front(Intake, asyncio.Protocol):
-    """Answers the SDK posts `Intake` parsed, in order, and hands anything else over to aiohttp;
-    times out slow clients (`sweep`)."""
+class Fatal(Exception):
+    """Stops the parser: what follows on this connection is not parsed here any more."""
 
-    def __init__(self, door: Door) -> None:
-        super().__init__(door)
+
+
+class SdkConnection(asyncio.Protocol):
+    """One client connection: its requests parsed by llhttp into `queue` (the callbacks below),
+    the SDK posts answered in order, anything else handed over to aiohttp; slow clients timed
+    out (`sweep`)."""
+
+    def __init__(self, shared: ListenerState) -> None:
+        # reading: llhttp's state and the request being parsed
+        self.shared = shared
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Work] = deque()
+        self.stopped = False  # nothing more is parsed: closing, or handing over
+        self.raw: list[bytes] | None = None  # this request's bytes, while its start is known
+        self.chunk = b""
+        self.between = True  # the parser is between requests
+        self.fresh = True  # the current chunk began between requests
+        self.expecting = False  # a 100 Continue is owed once the answers before it are out
+        self.begun = 0  # requests begun within the current chunk
+        self.in_body = False
+        self.wire = 0  # bytes fed since the current request's head (or body) began
+
+        self._reset()
+        # answering
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.handed: asyncio.Protocol | None = None
@@ -52,11 +86,11 @@ class Front(Intake, asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.door.connections.open += 1
+        self.shared.connections.open += 1
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else None
-        self.door.open.add(self)
+        self.shared.open.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.handed is not None:
@@ -140,8 +174,8 @@ class Front(Intake, asyncio.Protocol):
             self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.door.connections.open -= 1
-        self.door.open.discard(self)
+        self.shared.connections.open -= 1
+        self.shared.open.discard(self)
         self.stopped = True
         self._abandon()
         if self.handed is not None:
@@ -149,6 +183,142 @@ class Front(Intake, asyncio.Protocol):
         # A worker still storing a request keeps going: the message is committed either way.
 
     # Answering, in order
+
+    # reading: llhttp's callbacks turn bytes into queued work
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.headed = False  # its head is complete: any further field is a trailer's
+        self.http10 = False
+        self.route: Route | None = None
+        self.body: list[bytes] = []
+        self.size = 0
+        self.chunks = 0
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+        # Where this request starts in the byte stream is known only when it starts a chunk
+        # (not when the chunk also ends the request before it).
+        self.raw = [self.chunk] if self.begun == 1 and self.fresh else None
+        self.between = False
+        self.wire = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_URL:
+            self._refuse(414, "uri_too_long", f"the request target is over {MAX_URL} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if not self.headed:  # a chunked body's trailer is ignored, as aiohttp ignores it
+            self.headers.append((name, value))
+        if self.head_size > MAX_HEAD or len(self.headers) > MAX_HEADERS:
+            self._refuse(431, "headers_too_large",
+                         f"request headers are over {MAX_HEAD} bytes or {MAX_HEADERS} fields")
+
+    def on_headers_complete(self) -> None:
+        self.headed = True
+        version = self.parser.get_http_version()
+        if version not in VERSIONS:
+            self._refuse(505, "http_version_not_supported",
+                         f"HTTP/{version[:8]} is not supported; send HTTP/1.1")
+        self.http10 = version == "1.0"
+        route = None
+        if self.parser.get_method() == b"POST":
+            route = self.shared.routes.get(self.url.partition(b"?")[0])
+        if route is None or self.parser.should_upgrade():
+            self._hand_over()
+            return
+        self.route = route
+        self.shared.enter()  # in flight from now: a stop waits for its body and its answer
+        length = self._header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > segment.MAX_REQUEST_BYTES:
+            self._refuse(413, "request_too_large",
+                         f"request body is over {segment.MAX_REQUEST_BYTES} bytes")
+        expect = self._header(b"expect")
+        if expect is not None and expect.lower() == "100-continue" and not self.http10:
+            self.expecting = True
+            if not self.queue:
+                self._continue()
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+        if self.chunks > FREE_CHUNKS + self.size // MIN_CHUNK:
+            self._refuse(400, "invalid_body",
+                         f"the body comes in chunks too small ({self.chunks} for {self.size}"
+                         f" bytes); send it whole, or in chunks of {MIN_CHUNK} bytes or more")
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > segment.MAX_REQUEST_BYTES:
+            self._refuse(413, "request_too_large",
+                         f"body is over {segment.MAX_REQUEST_BYTES} bytes")
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        assert self.route is not None
+        self.queue.append(Call.of(
+            self.route, self.headers, b"".join(self.body), self.parser.should_keep_alive(),
+            self.http10))
+        self.between, self.in_body, self.raw, self.expecting = True, False, None, False
+        self.route = None  # its count goes with the Call
+        self._reset()
+
+    def counted(self, size: int) -> None:
+        """Counts `size` more bytes fed to the parser against the wire limits of the request
+        being read: its head, else its body."""
+        if self.stopped or self.between:
+            return
+        if self.headed and self.route is not None:
+            if not self.in_body:
+                self.in_body, self.wire = True, 0
+                return  # the piece the body began in: part of it was head
+            self.wire += size
+            if self.wire > MAX_BODY_WIRE:
+                self._refusal(413, "request_too_large",
+                              f"body is over {MAX_BODY_WIRE} bytes with its chunks' framing")
+        elif not self.headed:
+            self.wire += size
+            if self.wire > MAX_HEAD_WIRE:
+                self._refusal(431, "headers_too_large",
+                              f"request head is over {MAX_HEAD_WIRE} bytes")
+
+    def _header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return header_text(value)
+        return None
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answers once the requests before this one are answered, then closes; stops the
+        parser (it must not go on reading what this request left half-done)."""
+        self._refusal(status, code, message)
+        raise Fatal(code)
+
+    def _refusal(self, status: int, code: str, message: str) -> None:
+        self.queue.append(Refusal(Answer.error(status, code, message)))
+        self.stopped, self.raw = True, None
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """The request being received will not be stored: no longer in flight."""
+        if self.route is not None:
+            self.route = None
+            self.shared.leave()
+
+    def _hand_over(self) -> None:
+        if self.raw is None:  # pipelined behind another request: its bytes are gone
+            self._refuse(400, "pipelined_request",
+                         "only event posts may be pipelined; send this on its own connection")
+        self.queue.append(Handover())
+        self.stopped = True
+        raise Fatal("handover")
+
+    # answering: the queue, in order
 
     async def _work(self) -> None:
         """Answers the queued work in order; the connection's only task while it has work. A
@@ -167,10 +337,10 @@ class Front(Intake, asyncio.Protocol):
                     # The call leaves the queue and the count in flight whatever happens: a
                     # worker cancelled at a stop must not leave it counted.
                     try:
-                        answer = await self.door.answer(item, self.peer)
+                        answer = await self.shared.answer(item, self.peer)
                     finally:
                         self.queue.popleft()
-                        self.door.leave()
+                        self.shared.leave()
                     self._write(answer, item.keep_alive, item.http10)
                 except Exception:
                     log.exception("front: cannot answer a request from %s; answered 500 and"
@@ -195,7 +365,7 @@ class Front(Intake, asyncio.Protocol):
         calls = sum(isinstance(item, Call) for item in self.queue)
         self.queue.clear()
         for _ in range(calls):
-            self.door.leave()
+            self.shared.leave()
         if calls:
             self._fail()
 
@@ -217,7 +387,7 @@ class Front(Intake, asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        close = not keep_alive or self.door.stopping
+        close = not keep_alive or self.shared.stopping
         connection = b"close" if close else b"keep-alive" if http10 else b""
         transport.write(head(answer, connection, int(time.time())) + answer.body)
         if close:
@@ -240,7 +410,7 @@ class Front(Intake, asyncio.Protocol):
     def _give_to_aiohttp(self) -> None:
         transport, raw = self.transport, self.raw
         assert transport is not None and raw is not None
-        self.handed = self.door.fallback()
+        self.handed = self.shared.fallback()
         self.queue.clear()
         if not self.reading:
             transport.resume_reading()  # aiohttp's own flow control takes over
@@ -273,11 +443,11 @@ class Front(Intake, asyncio.Protocol):
         if self.stopped:
             transport.close()
         elif self.in_body:
-            if now - self.since > self.door.body_seconds:
+            if now - self.since > self.shared.body_seconds:
                 self._refusal(408, "body_timeout",
-                              f"body not read within {self.door.body_seconds:g}s")
+                              f"body not read within {self.shared.body_seconds:g}s")
                 self.worker = asyncio.get_running_loop().create_task(self._work())
-        elif now - self.since > self.door.header_seconds:
+        elif now - self.since > self.shared.header_seconds:
             self.stopped = True
             transport.close()
 

@@ -15,14 +15,14 @@ from relay.ingest.receiver import Answer, Ingest
 from relay.ingest.segment import Route
 
 if TYPE_CHECKING:
-    from relay.http.connection import Front
+    from relay.http.connection import SdkConnection
 
 # What an event post's answer depends on, besides its route and body.
 _CALL_HEADERS = frozenset({b"content-encoding", b"authorization", b"origin", b"x-forwarded-for"})
 
 
 @dataclass
-class Door:
+class ListenerState:
     """What every connection of one listener shares."""
 
     ingest: Callable[[], Ingest]  # the current Ingest (rules are replaced on reload)
@@ -36,7 +36,7 @@ class Door:
 
     def __post_init__(self) -> None:
         self.routes = {r.path.encode(): r for r in segment.routes()}
-        self.open: set[Front] = set()
+        self.open: set[SdkConnection] = set()
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -94,7 +94,7 @@ class Call:
         for key, value in headers:  # one pass over them, not one per header asked for
             name = key.lower()
             if name in _CALL_HEADERS:
-                text = value.decode("utf-8", "surrogateescape")  # as aiohttp does
+                text = header_text(value)
                 if name == b"x-forwarded-for":
                     forwarded.append(text)
                 else:
@@ -116,3 +116,8 @@ class Handover:
 
 
 Work = Call | Refusal | Handover
+
+
+def header_text(value: bytes) -> str:
+    """A header's value as text, undecodable bytes kept as they are, as aiohttp reads them."""
+    return value.decode("utf-8", "surrogateescape")

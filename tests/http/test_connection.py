@@ -1,8 +1,9 @@
-"""relay/connection.py over real TCP: SDK posts answered by the Front, other requests handed to
-aiohttp, pipelining, chunking, Expect, keep-alive and the 4xx refusals of malformed requests.
+"""relay/http/connection.py over real TCP: SDK posts answered by the SdkConnection, other
+requests handed to aiohttp, pipelining, chunking, Expect, keep-alive and the 4xx refusals of
+malformed requests.
 
-Raw sockets send exact bytes, so the test decides what arrives in which TCP write. The Front's
-answers carry no Server header and aiohttp's do: that tells which of the two answered.
+Raw sockets send exact bytes, so the test decides what arrives in which TCP write. The
+SdkConnection's answers carry no Server header and aiohttp's do: that tells which answered.
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ async def relay(upstream, write_config, start_relay):
 
 
 async def test_keep_alive_connection_survives_the_handover(relay, upstream):
-    """One keep-alive connection: a post answered by the Front, a GET handed over to aiohttp,
-    then a post that aiohttp answers; both messages reach the upstream."""
+    """One keep-alive connection: a post answered by the SdkConnection, a GET handed over to
+    aiohttp, then a post that aiohttp answers; both messages reach the upstream."""
     async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("ka-1")))
         first = await read_response(reader)
         assert (first.status, first.json()) == (200, {"success": True})
-        assert "server" not in first.headers  # the Front's own answer
+        assert "server" not in first.headers  # the SdkConnection's own answer
         writer.write(get("/healthz"))
         health = await read_response(reader)
         assert (health.status, health.json()) == (200, {"status": "ok"})
@@ -88,7 +89,7 @@ async def test_keep_alive_connection_survives_the_handover(relay, upstream):
 
 
 async def test_front_answer_headers(relay):
-    """The Front's answer carries Content-Type, Content-Length and Date, and keeps the
+    """The SdkConnection's answer carries Content-Type, Content-Length and Date, and keeps the
     connection open."""
     async with connect(relay.listener.port) as (reader, writer):
         writer.write(post(track("h-1")))
@@ -339,7 +340,7 @@ async def test_cors_listed_origin(upstream, write_config, start_relay):
 
 
 async def test_many_pipelined_posts(relay, upstream):
-    """Twenty posts pipelined in one write (more than the Front queues before pausing its
+    """Twenty posts pipelined in one write (more than the SdkConnection queues before pausing its
     reads) all get their 200 and are delivered, and a handover still works after them."""
     async with connect(relay.listener.port) as (reader, writer):
         writer.write(b"".join(post(track(f"m-{i}")) for i in range(20)))
@@ -395,12 +396,12 @@ async def test_a_client_that_does_not_read_its_answers_is_no_longer_read(relay):
     count = 60_000  # ~9 MB of answers: more than the sockets' buffers hold
     async with connect(relay.listener.port) as (reader, writer):
         writer.write(request * count)
-        fronts = relay.listener.door.open
+        connections_open = relay.listener.shared.open
         for _ in range(100):
-            if any(f.blocked and not f.reading for f in fronts):
+            if any(f.blocked and not f.reading for f in connections_open):
                 break
             await asyncio.sleep(0.1)
-        assert any(f.blocked and not f.reading for f in fronts), "relay kept reading"
+        assert any(f.blocked and not f.reading for f in connections_open), "relay kept reading"
         answered = 0
         async with asyncio.timeout(60):
             while answered < count:
@@ -434,12 +435,12 @@ async def test_oversized_body_sent_whole_still_reads_413(relay, upstream, size):
 
 async def open_fronts(relay: Any, want: int) -> int:
     """Waits up to 5 s for relay to hold `want` connections; returns how many it holds."""
-    door = relay.listener.door
+    shared = relay.listener.shared
     for _ in range(100):
-        if len(door.open) == want:
+        if len(shared.open) == want:
             break
         await asyncio.sleep(0.05)
-    return len(door.open)
+    return len(shared.open)
 
 
 async def trickle(writer: asyncio.StreamWriter) -> None:

@@ -17,7 +17,7 @@ import pytest
 from fakes import free_port
 from rawhttp import connect, read_response, rest_of
 
-from relay.http import connection, parser
+from relay.http import connection, limits
 from relay.ingest import segment
 from relay.outbox.store import Outbox
 
@@ -69,9 +69,9 @@ def relay_with(upstream, write_config, start_relay):
 
 async def settled(relay: Any, seconds: float = 3.0) -> None:
     """Waits until no request is in flight in relay's Fronts and no connection is open."""
-    door = relay.listener.door
+    shared = relay.listener.shared
     for _ in range(int(seconds / 0.02)):
-        if not (door.inflight or door.connections.open):
+        if not (shared.inflight or shared.connections.open):
             return
         await asyncio.sleep(0.02)
 
@@ -95,7 +95,7 @@ async def test_an_origin_that_is_not_byte_for_byte_allowed_is_not_echoed_nor_a_s
         assert first.headers["vary"] == "Origin"
         assert second.headers["access-control-allow-origin"] == ORIGIN
         await settled(relay)
-        assert relay.listener.door.inflight == 0
+        assert relay.listener.shared.inflight == 0
         async with aiohttp.ClientSession() as http:
             sent = {"Origin": "https://www.example.com\u2028"}
             async with http.options(relay.url + "/v1/t", headers=sent) as resp:
@@ -125,9 +125,9 @@ async def test_a_fault_while_answering_is_a_500_logged_once_and_frees_the_connec
             assert answer.status == 500 and answer.code() == "internal_error"
             assert await rest_of(reader) == b""  # closed after it
         await settled(relay)
-        door = relay.listener.door
-        assert door.inflight == 0 and door.idle.is_set()
-        assert door.connections.open == 0
+        shared = relay.listener.shared
+        assert shared.inflight == 0 and shared.idle.is_set()
+        assert shared.connections.open == 0
         faults = [r for r in caplog.records if "cannot answer a request" in r.getMessage()]
         assert len(faults) == 1
         async with connect(relay.listener.port) as (reader, writer):
@@ -325,7 +325,7 @@ async def test_chunks_too_small_or_extensions_too_long_are_refused(relay_with):
             assert answer.status == 400 and answer.code() == "invalid_body"
             assert "chunks too small" in answer.json()["message"]
         async with connect(relay.listener.port) as (reader, writer):
-            writer.write(chunked_head() + b"2;" + b"e" * (2 * parser.MAX_BODY_WIRE))
+            writer.write(chunked_head() + b"2;" + b"e" * (2 * limits.MAX_BODY_WIRE))
             answer = await read_response(reader)
             assert answer.status == 413 and answer.code() == "request_too_large"
         pieces = [body[i:i + 300] for i in range(0, len(body), 300)]
@@ -342,7 +342,7 @@ async def test_an_endless_header_value_is_cut_off_at_the_heads_limit(relay_with)
     timeout."""
     async with relay_with() as relay, connect(relay.listener.port) as (reader, writer):
         writer.write(b"POST /v1/track HTTP/1.1\r\nHost: relay\r\nX-Big: ")
-        for _ in range(4 * parser.MAX_HEAD_WIRE // 65536):
+        for _ in range(4 * limits.MAX_HEAD_WIRE // 65536):
             writer.write(b"a" * 65536)
             await writer.drain()
         answer = await read_response(reader)

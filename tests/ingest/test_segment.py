@@ -173,8 +173,8 @@ def test_batch_body_per_kind():
     june = json.loads(vendor_batch.batch_body("june", ['{"a":1}'], "K", sent))
     assert "writeKey" not in june
     assert vendor_batch.batch_url("june", "http://h/") == "http://h/sdk/batch"
-    assert segment.batch_headers("K")["Authorization"] == "Basic " + b64("K:")
-    assert "Authorization" not in segment.batch_headers("")
+    assert vendor_batch.batch_headers("K")["Authorization"] == "Basic " + b64("K:")
+    assert "Authorization" not in vendor_batch.batch_headers("")
 
 
 def test_budget_bounds_each_message_and_the_request_as_stored():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sqlite3
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="relay", description="A gateway for Segment-protocol analytics: it accepts what the"
         " SDKs send, applies the rules of one YAML file, stores every message in SQLite and"
         " forwards it in batches to each vendor.")
+    parser.add_argument("--version", action="version", version=f"relay {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     default = os.environ.get("RELAY_CONFIG", config.DEFAULT_PATH)
     commands = {}
@@ -158,3 +160,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relay: cannot listen on {loaded.listen}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from relay.config import ruleset
+from relay.delivery.vendor_batch import BATCH_PATHS
 from relay.http import client_address, cors
 from relay.options import fields, yaml_source
 from relay.options.fields import FieldError
@@ -197,6 +198,11 @@ class Upstream:
     def __post_init__(self) -> None:
         if self.backoff_max_seconds < self.backoff_initial_seconds:
             raise FieldError("backoff_max_seconds", "must be at least backoff_initial_seconds")
+        path = urlsplit(self.url).path.rstrip("/") if self.kind in BATCH_PATHS else ""
+        if path.endswith(BATCH_PATHS.get(self.kind, "\0")):
+            raise FieldError("url", f"ends with {BATCH_PATHS[self.kind]}, which relay adds: give"
+                                    f" the vendor's base URL, like"
+                                    f" {self.url.rstrip('/')[:-len(path)]}")
 
 
 @dataclass(frozen=True)
@@ -289,8 +295,21 @@ def parse(file: str, text: str, env: Mapping[str, str] | None = None) -> Config:
     steps = ruleset.build(data.get("rules", []), source)
     if source.errors:
         raise ConfigError(source.messages())
-    notes = ruleset.warnings(steps, source)
+    notes = ruleset.warnings(steps, source) + _url_notes(config, source)
     return dataclasses.replace(config, rules=steps, file=file, warnings=notes)
+
+
+def _url_notes(config: Config, source: yaml_source.Source) -> tuple[str, ...]:
+    """Upstream URLs with a path: relay adds the batch path to it, which is seldom meant."""
+    notes = []
+    for i, upstream in enumerate(config.upstreams or ()):
+        path = urlsplit(upstream.url).path.rstrip("/")
+        if path:
+            where = ("upstreams", i, "url")
+            notes.append(f"{source.file}:{source.line(where)}: upstreams[{i}].url: warning: it"
+                         f" has a path ({path}); batches go to {path}{BATCH_PATHS[upstream.kind]}."
+                         " Most vendors take the base URL alone")
+    return tuple(notes)
 
 
 def _check_upstream_names(config: Config, source: yaml_source.Source) -> None:

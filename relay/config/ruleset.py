@@ -51,7 +51,11 @@ def _step(index: int, item: Any, path: Path, source: Source) -> Step | None:
 
 
 def warnings(steps: tuple[Step, ...], source: Source) -> tuple[str, ...]:
-    """Orders that load fine but do not do what their author most likely wants."""
+    """Rules that load fine but do not do what their author most likely wants."""
+    return _order(steps, source) + _placeholders(steps, source)
+
+
+def _order(steps: tuple[Step, ...], source: Source) -> tuple[str, ...]:
     order: list[type] = [type(step.rule) for step in steps]
     grouped, internal = OneGroupPerUser, DropInternalUsers
     if grouped in order and internal in order and order.index(internal) < order.index(grouped):
@@ -63,3 +67,24 @@ def warnings(steps: tuple[Step, ...], source: Source) -> tuple[str, ...]:
             " groupId) are not recognised; put one_group_per_user first",
         )
     return ()
+
+
+def placeholder(domain: str) -> bool:
+    """A domain that stands for the reader's own, as examples write it: nobody's staff is there."""
+    domain = domain.lower().strip(".")
+    return (domain.startswith(("your.", "yourcompany.", "your-company.")) or domain
+            in ("example.com", "example.org", "example.net") or domain.endswith(".example"))
+
+
+def _placeholders(steps: tuple[Step, ...], source: Source) -> tuple[str, ...]:
+    notes = []
+    for i, step in enumerate(steps):
+        if isinstance(step.rule, DropInternalUsers):
+            for domain in filter(placeholder, step.rule.email_domains):
+                path = ("rules", i, "email_domains")
+                notes.append(
+                    f"{source.file}:{source.line(path)}: rules[{i}].email_domains: warning:"
+                    f" {domain!r} is a placeholder, so no staff member is recognised by email;"
+                    " set it to your company's email domain (the shipped config reads"
+                    " RELAY_STAFF_DOMAIN)")
+    return tuple(notes)

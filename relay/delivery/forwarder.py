@@ -167,7 +167,9 @@ class Forwarder:
             return await self._bisect(batch, answer)
         if retryable(answer.status):
             return self._backoff(answer, len(batch))
-        if answer.status in (401, 403) or 300 <= answer.status < 400:
+        # 404 on the batch path is a wrong `url` (a vendor has that path), not a bad message:
+        # dead-lettering would set every message aside until someone replays them.
+        if answer.status in (401, 403, 404) or 300 <= answer.status < 400:
             return self._pause(answer)
         await self._dead_letter(batch, answer)
         return None
@@ -251,10 +253,12 @@ class Forwarder:
 
     def _pause(self, answer: Answer) -> float:
         if not self.paused:
+            hint = (f"{self.url} is no {self.upstream.kind} batch endpoint: check its url (the"
+                    " vendor's base, like https://api.segment.io)" if answer.status == 404
+                    else "Check its url and write_key")
             log.error(
-                "upstream %s: paused, answer %s; messages are kept. Check its url and write_key;"
-                " relay tries again every %.0fs",
-                self.upstream.name, _describe(answer), self.upstream.pause_seconds,
+                "upstream %s: paused, answer %s; messages are kept. %s; relay tries again every"
+                " %.0fs", self.upstream.name, _describe(answer), hint, self.upstream.pause_seconds,
             )
         self.paused = True
         return self.upstream.pause_seconds

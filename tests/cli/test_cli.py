@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import re
 import textwrap
 from pathlib import Path
@@ -433,3 +434,41 @@ def test_any_text_is_a_config_or_config_errors_never_an_exception(text):
         assert exc.errors
         assert all(re.match(r"any\.yaml:[1-9][0-9]*: \S", line) and "\n" not in line
                    for line in exc.errors), exc.errors
+
+
+def test_an_upstream_url_ending_in_the_batch_path_is_refused_and_another_path_warned(
+        tmp_path, capsys):
+    """`url: http://host/sdk/batch` (June's batch path, which relay adds itself) is an error at
+    its line naming the base URL; any other path loads with a warning at its line."""
+    text = ("upstreams:\n  - name: june\n    kind: june\n    url: http://127.0.0.1:9/sdk/batch/\n"
+            "  - name: seg\n    kind: segment\n    url: http://127.0.0.1:9/proxy\n")
+    code, _, err = run_check(write(tmp_path, text), capsys)
+    assert code == 2
+    assert err == [f"{tmp_path / 'relay.yaml'}:4: upstreams[0].url: ends with /sdk/batch, which"
+                   " relay adds: give the vendor's base URL, like http://127.0.0.1:9"]
+    text = text.replace("/sdk/batch/", "")
+    code, _, err = run_check(write(tmp_path, text), capsys)
+    assert code == 0
+    assert err == [f"{tmp_path / 'relay.yaml'}:7: upstreams[1].url: warning: it has a path"
+                   " (/proxy); batches go to /proxy/v1/batch. Most vendors take the base URL"
+                   " alone"]
+
+
+def test_the_shipped_staff_rule_warns_while_its_domain_is_the_placeholder(capsys, monkeypatch):
+    """config/relay.yaml with RELAY_STAFF_DOMAIN unset filters on `your.domain`: `relay check`
+    says so at the rule's line; with the variable set it says nothing."""
+    monkeypatch.delenv("RELAY_STAFF_DOMAIN", raising=False)
+    code, _, err = run_check("config/relay.yaml", capsys)
+    assert code == 0
+    assert len(err) == 1 and "'your.domain' is a placeholder" in err[0]
+    assert err[0].startswith("config/relay.yaml:") and "rules[1].email_domains" in err[0]
+    monkeypatch.setenv("RELAY_STAFF_DOMAIN", "acme.io")
+    assert run_check("config/relay.yaml", capsys)[2] == []
+
+
+def test_version(capsys):
+    """`relay --version` prints the installed version and exits 0."""
+    with pytest.raises(SystemExit) as exited:
+        commands.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"relay {importlib.metadata.version('relay')}"

@@ -197,11 +197,13 @@ async def test_refused_batch_is_bisected_to_the_poison_message(
 # ---------------------------------------------------------------- 401 / 403: pause
 
 
-@pytest.mark.parametrize("status", [401, 403, 307])
+@pytest.mark.parametrize("status", [401, 403, 307, 404])
 async def test_auth_refusal_pauses_and_keeps_messages_until_key_fixed(
-    status, upstream, write_config, start_relay, http
+    *, status, upstream, write_config, start_relay, http, caplog
 ):
-    """On 401/403 (or a 3xx) the upstream pauses, retrying every pause_seconds, losing nothing."""
+    """On 401/403, a 3xx or a 404 (a wrong url: the batch path is not there) the upstream
+    pauses, retrying every pause_seconds, losing nothing; a 404's log line says to check url."""
+    caplog.set_level("ERROR", logger="relay.forwarder")
     upstream.default = Reply(status, '{"code":"unauthorized","message":"Invalid Write Key"}',
                              headers={"Location": upstream.url + "/elsewhere"})
     path = write_config([seg(upstream, pause_seconds=0.4)])
@@ -220,6 +222,9 @@ async def test_auth_refusal_pauses_and_keeps_messages_until_key_fixed(
     gaps = [b.at - a.at for a, b in itertools.pairwise(refused[:3])]
     assert all(gap >= 0.3 for gap in gaps), gaps  # paused, not backed off at 0.05-0.2 s
     assert all(batch_ids(r) == sent[:5] for r in refused[:3])
+    paused = [r.getMessage() for r in caplog.records if "paused" in r.getMessage()]
+    assert len(paused) == 1
+    assert ("is no segment batch endpoint: check its url" in paused[0]) == (status == 404)
 
 
 # ---------------------------------------------------------------- other 4xx: dead letters
@@ -228,12 +233,13 @@ async def test_auth_refusal_pauses_and_keeps_messages_until_key_fixed(
 LONG = '{"code":"unprocessable","message":"' + "x" * 3000 + '"}'
 
 
-@pytest.mark.parametrize(("status", "body"), [(404, "Source is disabled"), (422, LONG)],
-                         ids=["404", "422"])
+@pytest.mark.parametrize(("status", "body"), [(422, LONG), (409, "conflict")],
+                         ids=["422", "409"])
 async def test_other_4xx_dead_letters_the_batch(
     *, status, body, upstream, write_config, start_relay, http
 ):
-    """A 404/422 moves the whole batch to dead_letters with its status and answer, no retry."""
+    """A 422 (or another 4xx not named above) moves the whole batch to dead_letters with its
+    status and answer, no retry."""
     upstream.default = Reply(status, body)
     path = write_config([seg(upstream)])
     async with start_relay(path) as relay:

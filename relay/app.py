@@ -86,7 +86,6 @@ class Relay:
                 name=f"forward-{upstream.name}"))
         if self.reloader is not None:
             self.tasks.append(asyncio.create_task(self.reloader.run(), name="reload"))
-        self._log_start()
         try:
             yield
         finally:
@@ -138,15 +137,17 @@ class Relay:
         writable = self.outbox.writable and not self.outbox.capacity.full
         return {"storage": writable, "forwarders": running}
 
-    def _log_start(self) -> None:
+    def log_start(self, port: int) -> None:
+        """The start-up line, once relay listens (on `port`, as bound: a test asks for any)."""
         config = self.config
         keys = ", ".join(mask(k) for k in config.write_keys) or "any"
         ups = ", ".join(
             f"{u.name} ({u.kind} {u.url}, key {mask(u.write_key) if u.write_key else 'from SDK'})"
             for u in config.upstreams
         )
-        log.info("relay: listening on %s; storage %s; write keys %s; %d rule(s); upstreams: %s",
-                 config.listen, config.database, keys, len(config.rules), ups)
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        log.info("relay: listening on %s:%d; storage %s; write keys %s; %d rule(s); upstreams: %s",
+                 host, port, config.database, keys, len(config.rules), ups)
         for note in config.warnings:
             log.warning("%s", note)
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import time
 from typing import Any
 
@@ -94,9 +95,16 @@ class Listener:
         self.admin: web.AppRunner | None = None  # at admin.listen, when set
 
     async def start(self, port: int | None = None, admin_port: int | None = None) -> None:
-        """Opens storage and starts the forwarders (the Application's startup), then listens
-        (`port` and `admin_port` instead of the configured ones, for tests: 0 is any free one).
-        """
+        """Binds first, so that a port in use ends relay before anything delivers; then opens
+        storage and starts the forwarders (the Application's startup), then serves (`port` and
+        `admin_port` instead of the configured ones, for tests: 0 is any free one)."""
+        reuse = self.config.workers > 1
+        sock = socket.create_server((self.config.host, self.config.port if port is None else port),
+                                    backlog=128, reuse_port=reuse)
+        admin = self.config.admin
+        admin_sock = socket.create_server(
+            (admin.host, admin.port if admin_port is None else admin_port), backlog=16,
+            reuse_port=reuse) if admin.listen else None
         await self.runner.setup()
         relay = self.application[app.RELAY]
         fallback = self.runner.server
@@ -109,22 +117,19 @@ class Listener:
             connections)
         relay.metrics.connections = shared.held
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: connections.protocol(lambda: connection.SdkConnection(shared)),
-            self.config.host, self.config.port if port is None else port, backlog=128,
-            reuse_port=self.config.workers > 1 or None)
+            lambda: connections.protocol(lambda: connection.SdkConnection(shared)), sock=sock,
+            backlog=128)
         self._sweeper = asyncio.create_task(_sweep(shared), name="sweep-connections")
-        if self.config.admin.listen:
-            await self._start_admin(admin_port)
+        if admin_sock is not None:
+            await self._start_admin(admin_sock)
+        relay.log_start(self.port)
 
-    async def _start_admin(self, port: int | None) -> None:
-        admin = self.config.admin
+    async def _start_admin(self, sock: socket.socket) -> None:
         self.admin = web.AppRunner(app.build_admin(self.application[app.RELAY]),
                                    handle_signals=False, shutdown_timeout=1.0,
                                    **server_options(self.config.limits))
         await self.admin.setup()
-        site = web.TCPSite(self.admin, admin.host, admin.port if port is None else port,
-                           backlog=16, reuse_port=self.config.workers > 1 or None)
-        await site.start()
+        await web.SockSite(self.admin, sock, backlog=16).start()
 
     @property
     def admin_port(self) -> int:

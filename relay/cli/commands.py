@@ -17,6 +17,7 @@ from relay.cli import queue as queue_commands
 from relay.config import model as config
 from relay.ingest.segment import PayloadError
 from relay.ops import report, salvage, try_rules, worker_files
+from relay.outbox import lock
 from relay.state.redis_store import FAILURES
 
 EXIT_CONFIG = config.EXIT_INVALID
@@ -140,6 +141,11 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     worker = workers.worker_number()
     logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format, worker)
+    try:  # before anything touches the files; a worker runs under its supervisor's lock
+        held = lock.take(loaded.storage.path) if worker is None else None
+    except lock.StorageInUse as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     if loaded.workers > 1 and worker is None:
         argv = ["serve", "--config", args.config, "--log-format", args.log_format]
         return workers.Supervisor(loaded, argv).run()
@@ -159,6 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relay: cannot listen on {loaded.listen}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if held is not None:
+            held.close()
     return 0
 
 

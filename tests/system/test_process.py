@@ -243,13 +243,66 @@ def test_serve_with_invalid_config_exits_2_before_binding(tmp_path):
 
 
 def test_check_shipped_config_exits_0():
-    """`python -m relay check --config config/relay.yaml` from the repo root accepts the file."""
+    """`python -m relay check --config config/relay.yaml` from the repo root accepts the file,
+    with nothing to say once the staff domain is set (unset, it warns: tests/cli)."""
     result = subprocess.run(
         [sys.executable, "-m", "relay", "check", "--config", "config/relay.yaml"],
-        capture_output=True, text=True, timeout=20, env=clean_env(), cwd=str(REPO), check=False,
+        capture_output=True, text=True, timeout=20, cwd=str(REPO), check=False,
+        env={**clean_env(), "RELAY_STAFF_DOMAIN": "acme.io"},
     )
     shipped = yaml.safe_load((REPO / "config" / "relay.yaml").read_text())
     counts = f"{len(shipped['upstreams'])} upstream(s), {len(shipped['rules'] or [])} rule(s)"
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"config/relay.yaml: ok ({counts})\n"
     assert result.stderr == ""
+
+
+def serve_once(path: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`relay serve` expected to end at once: its exit status and output."""
+    return subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=20, env=clean_env(),
+                          cwd=str(cwd), check=False)
+
+
+async def test_a_second_relay_on_the_same_database_exits_at_once_naming_the_first(
+        upstream, serve_config, relay_process, tmp_path, http):
+    """A second `relay serve` on the storage.path a running relay holds (another port) exits 1
+    at once, naming the first one's pid, and never listens; the first goes on serving and
+    delivers alone."""
+    path, port = serve_config()
+    first = relay_process(path, port)
+    first.spawn()
+    await first.wait_ready()
+    second_port = free_port()
+    other = tmp_path / "second.yaml"
+    other.write_text(path.read_text().replace(f"127.0.0.1:{port}", f"127.0.0.1:{second_port}"))
+    started = time.monotonic()
+    result = serve_once(other, tmp_path)
+    assert result.returncode == 1, result
+    assert time.monotonic() - started < 10
+    assert f"is in use by another relay (pid {first.proc.pid})" in result.stderr
+    assert "listening on" not in result.stderr
+    assert port_is_free(second_port)
+    async with http.post(first.url + "/v1/track", json={"userId": "u", "event": "E",
+                                                        "messageId": "after"},
+                         headers=AUTH) as resp:
+        assert resp.status == 200
+    assert [m["messageId"] for m in await upstream.wait_for(1)] == ["after"]
+
+
+def test_a_port_in_use_ends_relay_before_it_opens_storage(tmp_path):
+    """With its port taken, `relay serve` exits 1 saying it cannot listen, before it created
+    its database or started anything that delivers, and without claiming to listen."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = tmp_path / "never.db"
+        path = tmp_path / "relay.yaml"
+        path.write_text(f'listen: "127.0.0.1:{port}"\nstorage: {{path: "{db}"}}\nupstreams:\n'
+                        "  - {name: seg, kind: segment, url: 'http://127.0.0.1:9'}\n")
+        result = serve_once(path, tmp_path)
+    assert result.returncode == 1, result
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "listening on" not in result.stderr
+    assert not db.exists()

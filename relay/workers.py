@@ -118,7 +118,9 @@ class Supervisor:
 
 def _end_with_parent() -> None:
     """In a worker, before it runs: SIGTERM when the supervisor ends, even by SIGKILL (Linux;
-    elsewhere nothing)."""
+    elsewhere nothing), and SIGHUP ignored until relay handles it (its default would end a
+    worker that is still starting; what it would reload, the start reads anyway)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -139,6 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = config.load_or_print(args.config)
     if loaded is None:
         return EXIT_CONFIG
+    # Until relay handles SIGHUP (server.serve), one would end it: a start reads the config anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker = workers.worker_number()
     logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), args.log_format, worker)
     try:  # before anything touches the files; a worker runs under its supervisor's lock

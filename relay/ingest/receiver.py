@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from relay.metrics import Metrics, Tally
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Entry, Outbox
 from relay.pipeline import Message
-from relay.pipeline.runner import Outcome, Pipeline, RuleContext
+from relay.pipeline.runner import Pipeline, RuleContext
 from relay.state.shared import SharedState
 from relay.state.sqlite import SqliteState
 
@@ -130,14 +131,26 @@ class Ingest:
 
     async def rules(self, ready: list[tuple[Message, str | None]], route: str,
                     budget: segment.Budget, seen: Seen) -> list[Entry]:
-        """`ready`'s messages through the rules, serialised as stored; what `seen` counts."""
-        ctx = RuleContext(state=self.state, route=route)
+        """`ready`'s messages through the rules, serialised as stored; what `seen` counts.
+        Their users' state is loaded first, in one go; the rules then run without a pause."""
+        state = self.state
+        try:
+            try:
+                await state.load(held.request_refs(ready))
+            except sqlite3.Error as exc:  # the file cannot be read: as when it cannot be written
+                raise StorageError(f"cannot read user state: {exc}") from exc
+            return self._ruled(ready, RuleContext(state=state, route=route), budget, seen)
+        finally:
+            state.settle()
+
+    def _ruled(self, ready: list[tuple[Message, str | None]], ctx: RuleContext,
+               budget: segment.Budget, seen: Seen) -> list[Entry]:
         pipeline = self.pipeline
         entries: list[Entry] = []
         for message, sent in ready:
             final = pipeline.start(message, ctx)
-            if not isinstance(final, dict):  # a rule changed or dropped it, or had to wait
-                outcome = final if isinstance(final, Outcome) else await final
+            if not isinstance(final, dict):  # a rule changed, dropped or failed on it
+                outcome = final
                 for step in outcome.changed_by:
                     _add(seen.changed, step)
                 if outcome.message is None:

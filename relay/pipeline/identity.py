@@ -8,7 +8,7 @@ from typing import Any
 
 from relay import clock, skew
 from relay.pipeline import Message
-from relay.state.sqlite import anon_ref, user_ref
+from relay.state.sqlite import State, anon_ref, user_ref
 
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
@@ -80,3 +80,26 @@ def emails(message: Message) -> list[str]:
     if isinstance(user_id, str) and "@" in user_id:
         found.append(user_id)
     return found
+
+
+def current_group(message: Message, state: State) -> str | None:
+    """The group the message's user is in now: by userId, else by anonymousId."""
+    return ref_and_group(message, state)[1]
+
+
+def ref_and_group(message: Message, state: State) -> tuple[str | None, str | None]:
+    """`primary_ref` and `current_group` at once, each id read and made a ref once: what every
+    ungrouped track needs."""
+    user_id = text_id(message.get("userId"))
+    ref = None
+    if user_id is not None:
+        ref = user_ref(user_id)
+        membership = state.group(ref)
+        if membership is not None:
+            return ref, membership.group_id
+    anonymous_id = text_id(message.get("anonymousId"))
+    if anonymous_id is None:
+        return ref, None
+    anonymous = anon_ref(anonymous_id)
+    membership = state.group(anonymous)
+    return ref or anonymous, None if membership is None else membership.group_id

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from relay.pipeline import Message
+from relay.pipeline import Message, identity
 
 if TYPE_CHECKING:
     from relay.pipeline.condition import Condition
@@ -33,34 +32,15 @@ class RuleContext:
     route: str = ""
 
 
-class Later(Enum):
-    """A rule's `apply_now` answer when it cannot decide without awaiting `apply`."""
-
-    LATER = "later"
-
-
-LATER = Later.LATER
-
-
 class Rule(Protocol):
-    """The contract every rule meets: a frozen dataclass built once from its YAML options.
-
-    `apply` never changes the message it is given: it returns that same object when it changes
-    nothing, else a new one (see `relay.pipeline.dotted`), or a Drop.
+    """The contract every rule meets: a frozen dataclass built once from its YAML options, and
+    one synchronous `apply` over the message and the user state in memory (`State.load` has
+    brought in what it may read). `apply` never changes the message it is given: it returns
+    that same object when it changes nothing, else a new one (see `relay.pipeline.dotted`), or
+    a Drop.
     """
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop: ...
-
-
-class QuickRule(Rule, Protocol):
-    """A rule that can also answer without a coroutine, which costs more than most rules' work.
-
-    `apply_now` gives what `apply` would, with the same effect on state, or LATER having changed
-    nothing (for instance when the state it needs is not in memory); the pipeline then awaits
-    `apply`. Rules without it are always awaited.
-    """
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop | Later: ...
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop: ...
 
 
 @dataclass(frozen=True)
@@ -122,18 +102,7 @@ class Outcome:
             self.effects.append(effect)
 
 
-Now = Callable[[Message, RuleContext], "Message | Drop | Later"]
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """A step as run: its `when:` test and its rule's `apply_now` looked up once, not per
-    message."""
-
-    id: str
-    rule: Rule
-    when: Callable[[Message], bool] | None
-    now: Now | None
+Apply = Callable[[Message, RuleContext], "Message | Drop"]
 
 
 class Pipeline:
@@ -142,41 +111,38 @@ class Pipeline:
     def __init__(self, steps: Sequence[Step], on_error: Literal["pass", "drop"] = "pass") -> None:
         self.steps = tuple(steps)
         self.on_error = on_error
-        self._plan = tuple(
-            _Planned(step.id, step.rule, step.when.test if step.when is not None else None,
-                     getattr(step.rule, "apply_now", None))
+        # Each step's `when:` test and `apply` looked up once, as plain tuples: unpacked into
+        # locals, they are read faster than fields, once per message and step.
+        self._plan: tuple[tuple[str, Callable[[Message], bool] | None, Apply], ...] = tuple(
+            (step.id, step.when.test if step.when is not None else None, step.rule.apply)
             for step in self.steps)
-        # The same as plain tuples, for `start`: unpacked into locals, read faster than fields.
-        self._quick = tuple((i, p.id, p.when, p.now) for i, p in enumerate(self._plan))
 
     async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
-        """Every step over `message`; a rule that raises is logged, never fatal to ingest."""
-        started = self.start(message, ctx, trace)
-        if isinstance(started, dict):
-            return Outcome(started)
-        return started if isinstance(started, Outcome) else await started
+        """Every step over one `message`, its users' state loaded first (a request's messages
+        are loaded together, then each `start`ed)."""
+        try:
+            await ctx.state.load(identity.refs(message))
+            started = self.start(message, ctx, trace)
+        finally:
+            ctx.state.settle()
+        return started if isinstance(started, Outcome) else Outcome(started)
 
-    def start(self, message: Message, ctx: RuleContext,
-              trace: bool = False) -> Message | Outcome | Coroutine[Any, Any, Outcome]:
-        """`run` without a coroutine of its own, which costs as much as a rule: the message
-        itself when every rule left it as it was (most messages: no Outcome to make), the
-        Outcome when a rule changed, dropped or failed on it, else an awaitable of the Outcome
-        that goes on from the rule that must wait."""
+    def start(self, message: Message, ctx: RuleContext, trace: bool = False) -> Message | Outcome:
+        """Every step over `message`, whose users' state is in memory: the message itself when
+        every rule left it as it was (most messages: no Outcome to make), else the Outcome of
+        the rules that changed, dropped or failed on it. A rule that raises is logged, never
+        fatal to ingest."""
         outcome = None
-        for index, step_id, when, now in self._quick:
+        for step_id, when, apply in self._plan:
             if when is not None and not when(message):
                 continue
-            if now is None:
-                return self._finish(outcome or Outcome(None), message, ctx, trace, index)
             try:
-                result = now(message, ctx)
+                result = apply(message, ctx)
             except Exception as exc:
                 outcome = outcome or Outcome(None)
                 if self._failed(outcome, step_id, message, exc, trace):
                     return outcome
                 continue
-            if result is LATER:
-                return self._finish(outcome or Outcome(None), message, ctx, trace, index)
             if result is not message:  # most rules leave most messages alone: nothing to record
                 outcome = outcome or Outcome(None)
                 after = self._settle(outcome, step_id, message, result, trace)
@@ -185,28 +151,6 @@ class Pipeline:
                 message = after
         if outcome is None:
             return message
-        outcome.message = message
-        return outcome
-
-    async def _finish(self, outcome: Outcome, message: Message, ctx: RuleContext, trace: bool,
-                      index: int) -> Outcome:
-        """The steps from `index` on; that first one's `when:` has matched and it must await."""
-        for position, step in enumerate(self._plan[index:]):
-            if position and step.when is not None and not step.when(message):
-                continue
-            try:
-                result = step.now(message, ctx) if position and step.now is not None else LATER
-                if result is LATER:
-                    result = await step.rule.apply(message, ctx)
-            except Exception as exc:
-                if self._failed(outcome, step.id, message, exc, trace):
-                    return outcome
-                continue
-            if result is not message:  # most rules leave most messages alone: nothing to record
-                after = self._settle(outcome, step.id, message, result, trace)
-                if after is None:
-                    return outcome
-                message = after
         outcome.message = message
         return outcome
 

@@ -28,10 +28,7 @@ class AllowProperties:
                          for name, allowed in self.events.items())
         object.__setattr__(self, "_patterns", patterns)
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         event = message.get("event")
         properties = message.get("properties")
         if message.get("type") != "track" or not isinstance(event, str) \

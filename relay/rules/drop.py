@@ -14,8 +14,5 @@ class DropMatching:
 
     needs_when = True
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         return Drop("matched")

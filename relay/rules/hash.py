@@ -35,10 +35,7 @@ class Hash:
         object.__setattr__(self, "_parts", tuple(dotted.split(p) for p in self.paths))
         object.__setattr__(self, "_key", key.encode())
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
             value = dotted.get(message, parts, _ABSENT)
             if value is _ABSENT or value is None:

@@ -23,10 +23,7 @@ class NormalizeTraits:
     """In `traits` and `context.traits`, `created_at`/`CreatedAt`/... become `createdAt`; where
     the camelCase form is also present it wins and the others are removed."""
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         traits = message.get("traits")
         fixed = normalized(traits) if isinstance(traits, dict) else None
         if fixed is not None:

@@ -24,10 +24,7 @@ class Remove:
                 raise FieldError("paths", f"each must be a dotted path; got {path!r}")
         object.__setattr__(self, "_parts", tuple(dotted.split(p) for p in self.paths))
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         for parts in self._parts:
             message = dotted.removed(message, parts)
         return message

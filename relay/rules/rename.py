@@ -29,10 +29,7 @@ class Rename:
         object.__setattr__(self, "_from", dotted.split(self.from_))
         object.__setattr__(self, "_to", dotted.split(self.to))
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         value = dotted.get(message, self._from, _ABSENT)
         if value is _ABSENT:
             return message

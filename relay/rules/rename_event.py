@@ -20,10 +20,7 @@ class RenameEvent:
         if not self.to:
             raise FieldError("to", "must be a non-empty event name")
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         if message.get("type") != "track" or message.get("event") != self.from_:
             return message
         return {**message, "event": self.to}

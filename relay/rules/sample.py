@@ -22,10 +22,7 @@ class Sample:
         if not 0.0 <= self.rate <= 1.0:
             raise FieldError("rate", f"must be between 0 and 1; got {self.rate}")
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         ref = identity.primary_ref(message)
         if ref is None:
             return message

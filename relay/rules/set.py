@@ -23,10 +23,7 @@ class SetField:
             raise FieldError("path", f"must be a dotted path like a.b.c; got {self.path!r}")
         object.__setattr__(self, "_parts", dotted.split(self.path))
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
-        return self.apply_now(message, ctx)
-
-    def apply_now(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         if dotted.same(dotted.get(message, self._parts, _UNSET), self.value):
             return message
         return dotted.replaced(message, self._parts, self.value)

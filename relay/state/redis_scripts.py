@@ -46,6 +46,17 @@ local function mark(ref, reason, at)
     redis.call('ZADD', p .. 'internal', now, ref)
   end
   touch(key)
+  if string.sub(ref, 1, 2) == 'a:' then
+    -- one verdict for all of a user's ids: an anonymousId marks the userId it is linked to
+    local user = redis.call('HGET', key, 'l')
+    if not user then return end
+    ref = 'u:' .. user
+    if redis.call('HSETNX', p .. ref, 'i', 'linked') == 1 then
+      redis.call('HSET', p .. ref, 'it', at)
+      redis.call('ZADD', p .. 'internal', now, ref)
+    end
+    touch(p .. ref)
+  end
   if string.sub(ref, 1, 2) == 'u:' then
     for _, anon in ipairs(redis.call('SMEMBERS', p .. 'l:' .. string.sub(ref, 3))) do
       local akey = p .. 'a:' .. anon

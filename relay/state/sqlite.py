@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 import aiosqlite
+import orjson
 
 from relay import clock
 from relay.outbox.writer import Statement
@@ -39,6 +40,26 @@ _INTERNAL = "INSERT OR IGNORE INTO internal_users (ref, reason, first_seen) VALU
 _LINK = "INSERT OR REPLACE INTO id_links (anonymous_id, user_id) VALUES (?, ?)"
 _MEMBER = ("INSERT INTO group_members (ref, group_id, first_seen, last_seen) VALUES (?, ?, ?, ?)"
            " ON CONFLICT(ref, group_id) DO UPDATE SET last_seen = excluded.last_seen")
+# What `load` reads, in one statement: groups (?1), verdicts (?2), and the links around the
+# userIds of ?3 and the anonymousIds of ?4: each such user's anonymousIds, with the verdicts of
+# all of them, which marking one of them internal needs (an internal verdict covers the user and
+# every anonymousId linked to it, whichever was marked or linked first).
+_LOAD = """
+WITH users(id) AS (SELECT value FROM json_each(?3)
+                   UNION SELECT user_id FROM id_links
+                   WHERE anonymous_id IN (SELECT value FROM json_each(?4))),
+     around(id, anonymous) AS (SELECT user_id, anonymous_id FROM id_links
+                               WHERE user_id IN (SELECT id FROM users))
+SELECT 'g', ref, group_id, at FROM user_groups WHERE ref IN (SELECT value FROM json_each(?1))
+UNION ALL
+SELECT 'i', ref, NULL, NULL FROM internal_users
+    WHERE ref IN (SELECT value FROM json_each(?2)) OR ref IN (SELECT 'u:' || id FROM users)
+       OR ref IN (SELECT 'a:' || anonymous FROM around)
+UNION ALL
+SELECT 'l', id, anonymous, NULL FROM around
+UNION ALL
+SELECT 'u', id, NULL, NULL FROM users
+"""
 UNGROUPED = ("INSERT INTO ungrouped_tracks (ref, count) VALUES (?, ?) ON CONFLICT(ref)"
               " DO UPDATE SET count = count + excluded.count")
 
@@ -61,12 +82,17 @@ def anon_ref(anonymous_id: str) -> str:
 
 
 class Missing(Enum):
-    """What a `*_now` read gives when the answer is not in memory: the caller must await it."""
+    """What a cache gives for a key it does not hold."""
 
     MISSING = "missing"
 
 
 MISSING = Missing.MISSING
+
+
+class NotLoaded(LookupError):
+    """A rule read state that `load` was not given the ref of: a bug, reported as the rule's
+    failure rather than answered with a guess."""
 
 
 @dataclass(frozen=True)
@@ -78,30 +104,26 @@ class Membership:
 
 
 class State(Protocol):
-    """The state rules may read and change; refs are `u:<userId>` or `a:<anonymousId>`.
+    """The state rules read and change; refs are `u:<userId>` or `a:<anonymousId>`.
 
-    Each `*_now` method is its awaited namesake answered from memory, without a coroutine (most
-    messages are about users already in memory); it gives MISSING, or False for `link_now`,
-    having changed nothing, when the awaited one is needed.
+    `load` brings what the rules may read about `refs` into memory before they run (one query
+    for those not there yet); the rules then read and write synchronously, and their writes
+    ride in the outbox's next commit (`drain`). `settle` ends a request's rules.
     """
 
-    async def group(self, ref: str) -> Membership | None: ...
+    async def load(self, refs: Iterable[str]) -> None: ...
 
-    def group_now(self, ref: str) -> Membership | Missing | None: ...
+    def settle(self) -> None: ...
 
-    async def set_group(self, ref: str, group_id: str, at: str) -> bool: ...
+    def group(self, ref: str) -> Membership | None: ...
 
-    def set_group_now(self, ref: str, group_id: str, at: str) -> bool | Missing: ...
+    def set_group(self, ref: str, group_id: str, at: str) -> bool: ...
 
-    async def is_internal(self, ref: str) -> bool: ...
+    def is_internal(self, ref: str) -> bool: ...
 
-    def any_internal_now(self, refs: Sequence[str]) -> bool | Missing: ...
+    def mark_internal(self, refs: Iterable[str], reason: str) -> None: ...
 
-    async def mark_internal(self, refs: Iterable[str], reason: str) -> None: ...
-
-    async def link(self, anonymous_id: str, user_id: str) -> None: ...
-
-    def link_now(self, anonymous_id: str, user_id: str) -> bool: ...
+    def link(self, anonymous_id: str, user_id: str) -> None: ...
 
     def note_member(self, ref: str, group_id: str) -> None: ...
 
@@ -112,26 +134,26 @@ V = TypeVar("V")
 
 
 class Cache(OrderedDict[str, V], Generic[V]):
-    """A least-recently-used mapping of at most `size` entries."""
+    """A least-recently-used mapping of at most `size` entries; while `holding` (a request's
+    rules run on what was loaded for them), nothing is evicted until `trim`."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self.holding = False
 
     def remember(self, key: str, value: V) -> V:
         self[key] = value
         self.move_to_end(key)
-        if len(self) > self.size:
+        if len(self) > self.size and not self.holding:
             self.popitem(last=False)
         return value
 
-    def recall(self, key: str) -> V | Missing:
-        """The value under `key`, now the most recently used, or MISSING."""
-        try:
-            self.move_to_end(key)  # a KeyError here is the one lookup a miss costs
-        except KeyError:
-            return MISSING
-        return self[key]
+    def trim(self) -> None:
+        """Back to `size` entries, the least recently used evicted; evicting again after."""
+        self.holding = False
+        while len(self) > self.size:
+            self.popitem(last=False)
 
 
 class SqliteState:
@@ -143,7 +165,10 @@ class SqliteState:
         self._conn: aiosqlite.Connection | None = None
         self._groups: Cache[Membership | None] = Cache(cache_size)
         self._internal: Cache[bool] = Cache(cache_size)
+        # anonymousId -> userId, as last written ("" when linked to none)
         self._links: Cache[str] = Cache(cache_size)
+        # u:<userId> -> the a:<anonymousId> refs linked to it, for marking them with it
+        self._linked: Cache[set[str]] = Cache(cache_size)
         self._members: Cache[float] = Cache(cache_size)
         self._pending: list[Statement] = []
         # A plain dict: a Counter miss runs `__missing__` in Python, once per new user per request.
@@ -186,38 +211,93 @@ class SqliteState:
 
     def forget(self) -> None:
         """Drops the cache, after a commit failed, so what it says matches the database."""
-        for cache in (self._groups, self._internal, self._links, self._members):
+        for cache in (self._groups, self._internal, self._links, self._linked, self._members):
             cache.clear()
 
-    async def group(self, ref: str) -> Membership | None:
-        found = self.group_now(ref)
-        if found is not MISSING:
-            return found
-        row = await self._one("SELECT group_id, at FROM user_groups WHERE ref = ?", ref)
-        membership = Membership(row[0], row[1]) if row else None
-        self._groups.remember(ref, membership)
-        return membership
+    # loading, before the rules
 
-    def group_now(self, ref: str) -> Membership | Missing | None:
+    async def load(self, refs: Iterable[str]) -> None:
+        """Brings into memory, for each of `refs` not there yet, its group and internal verdict,
+        and the links around it: a userId's anonymousIds, an anonymousId's userId, with their
+        verdicts (what marking one of them needs). One query, and none when all are there (most
+        requests). Until `settle`, nothing is evicted, so that all of it is there for the
+        rules."""
+        groups, internal, linked, links = self._groups, self._internal, self._linked, self._links
+        for cache in (groups, internal, linked, links):
+            cache.holding = True
+        refs = list(refs)
+        no_group = [ref for ref in refs if ref not in groups]
+        no_verdict = [ref for ref in refs if ref not in internal]
+        users = [ref[2:] for ref in refs if ref[:2] == "u:" and ref not in linked]
+        anons = [ref[2:] for ref in refs if ref[:2] == "a:" and ref[2:] not in links]
+        if not (no_group or no_verdict or users or anons):
+            return
+        found = await self._rows(_LOAD, [_json(no_group), _json(no_verdict), _json(users),
+                                         _json(anons)])
+        self._remember_loaded(found, no_group, no_verdict, anons)
+
+    def _remember_loaded(self, found: list[Any], no_group: list[str], no_verdict: list[str],
+                         anons: list[str]) -> None:
+        known, marked, around = self._parsed(found)
+        for ref in no_group:
+            self._groups.remember(ref, known.get(ref))
+        for anonymous_id in anons:
+            if anonymous_id not in self._links:
+                self._links.remember(anonymous_id, "")  # linked to no userId
+        for ref in no_verdict:
+            self._internal.remember(ref, ref in marked)
+        for user, anonymous in around.items():
+            if user not in self._linked:
+                self._linked.remember(user, anonymous)
+            for each in (user, *anonymous):
+                if each not in self._internal:
+                    self._internal.remember(each, each in marked)
+
+    def _parsed(self, found: list[Any]) -> tuple[dict[str, Membership], set[str],
+                                                  dict[str, set[str]]]:
+        """`_LOAD`'s rows as groups, internal refs and each user's anonymous refs; the links
+        go into the cache as they come."""
+        known: dict[str, Membership] = {}
+        marked: set[str] = set()
+        around: dict[str, set[str]] = {}
+        for kind, ref, value, at in found:
+            if kind == "g":
+                known[ref] = Membership(value, at)
+            elif kind == "i":
+                marked.add(ref)
+            elif kind == "u":
+                around.setdefault(f"u:{ref}", set())
+            else:
+                around.setdefault(f"u:{ref}", set()).add(anon_ref(value))
+                self._links.remember(value, ref)
+        return known, marked, around
+
+    def settle(self) -> None:
+        """The rules of a request are done: the caches may evict again."""
+        for cache in (self._groups, self._internal, self._linked, self._links):
+            cache.trim()
+
+    async def _rows(self, sql: str, args: list[str]) -> list[Any]:
+        if self._conn is None:
+            return []
+        # One call on the connection's thread: between a cursor's execute and its fetch, another
+        # request's read would run inside this statement's read transaction and see old state.
+        return list(await self._conn.execute_fetchall(sql, args))
+
+    # reads and writes, in memory
+
+    def group(self, ref: str) -> Membership | None:
         # `Cache.recall` written out: every ungrouped track reads here, and a call is a frame.
         groups = self._groups
         try:
             groups.move_to_end(ref)
         except KeyError:
-            return MISSING
+            raise NotLoaded(ref) from None
         return groups[ref]
 
-    async def set_group(self, ref: str, group_id: str, at: str) -> bool:
+    def set_group(self, ref: str, group_id: str, at: str) -> bool:
         """Makes `group_id` current unless a later event already chose another; True if set."""
-        return self._set_group(ref, await self.group(ref), group_id, at)
-
-    def set_group_now(self, ref: str, group_id: str, at: str) -> bool | Missing:
-        current = self.group_now(ref)
-        if current is MISSING:
-            return MISSING
-        return self._set_group(ref, current, group_id, at)
-
-    def _set_group(self, ref: str, current: Membership | None, group_id: str, at: str) -> bool:
+        current = self.group(ref)
         group_id = storable(group_id)
         if current is not None and not wins(group_id, at, current):
             return False
@@ -230,35 +310,33 @@ class SqliteState:
     def _record(self, op: list[Any]) -> None:
         """A change as a shared store takes it (`relay.state.shared`); nothing here."""
 
-    async def is_internal(self, ref: str) -> bool:
-        found = self._internal.recall(ref)
-        if found is not MISSING:
-            return found
-        row = await self._one("SELECT 1 FROM internal_users WHERE ref = ?", ref)
-        return bool(self._internal.remember(ref, row is not None))
-
-    def any_internal_now(self, refs: Sequence[str]) -> bool | Missing:
-        """Whether one of `refs` is internal, read in order up to the first that is, as awaiting
-        `is_internal` on each would."""
+    def is_internal(self, ref: str) -> bool:
         internal = self._internal
-        for ref in refs:
-            try:  # `Cache.recall` written out, as in `group_now`
-                internal.move_to_end(ref)
-            except KeyError:
-                return MISSING
-            if internal[ref]:
-                return True
-        return False
+        try:  # as in `group`
+            internal.move_to_end(ref)
+        except KeyError:
+            raise NotLoaded(ref) from None
+        return internal[ref]
 
-    async def mark_internal(self, refs: Iterable[str], reason: str) -> None:
-        """Marks `refs`, and every anonymousId linked to a marked userId, internal."""
+    def mark_internal(self, refs: Iterable[str], reason: str) -> None:
+        """Marks `refs` internal, and with each its user and every anonymousId linked to it:
+        one verdict for all of a user's ids, whichever was seen first."""
         for ref in list(refs):
-            if await self.is_internal(ref):
+            if self.is_internal(ref):
                 continue
             self._mark(ref, reason)
-            for linked in await self._linked_anonymous(ref):
-                if not await self.is_internal(linked):
+            user = ref if ref[:2] == "u:" else self._user_of(ref)
+            if user is None:
+                continue
+            if not self.is_internal(user):
+                self._mark(user, "linked")
+            for linked in sorted(self._linked.get(user, ())):
+                if not self.is_internal(linked):
                     self._mark(linked, reason)
+
+    def _user_of(self, anonymous: str) -> str | None:
+        user_id = self._links.get(anonymous[2:])
+        return f"u:{user_id}" if user_id else None
 
     def _mark(self, ref: str, reason: str) -> None:
         self._internal.remember(ref, True)
@@ -266,22 +344,15 @@ class SqliteState:
         self._pending.append((_INTERNAL, [(ref, reason, now)]))
         self._record(["i", ref, reason, now])
 
-    async def link(self, anonymous_id: str, user_id: str) -> None:
+    def link(self, anonymous_id: str, user_id: str) -> None:
         """Ties an anonymousId to a userId; an internal verdict on either covers both."""
+        anonymous, user = anon_ref(anonymous_id), user_ref(user_id)
         self._tie(anonymous_id, user_id)
-        refs = [anon_ref(anonymous_id), user_ref(user_id)]
-        for ref in refs:
-            if await self.is_internal(ref):
-                await self.mark_internal(refs, "linked")
-                return
-
-    def link_now(self, anonymous_id: str, user_id: str) -> bool:
-        """`link` when neither id is internal, as known in memory; False (nothing changed) else.
-        Reading before tying is safe: the tie touches no verdict."""
-        if self.any_internal_now([anon_ref(anonymous_id), user_ref(user_id)]) is not False:
-            return False
-        self._tie(anonymous_id, user_id)
-        return True
+        linked = self._linked.get(user)
+        if linked is not None:
+            linked.add(anonymous)
+        if self.is_internal(anonymous) or self.is_internal(user):
+            self.mark_internal([anonymous, user], "linked")
 
     def _tie(self, anonymous_id: str, user_id: str) -> None:
         anonymous_id, user_id = storable(anonymous_id), storable(user_id)
@@ -304,27 +375,6 @@ class SqliteState:
         """Counts a track call that came without a group (for `relay report`)."""
         ungrouped = self._ungrouped
         ungrouped[ref] = ungrouped.get(ref, 0) + 1
-
-    async def _linked_anonymous(self, ref: str) -> list[str]:
-        if not ref.startswith("u:"):
-            return []
-        user_id = ref[2:]
-        # Links made since the last commit are still in `_pending`, not yet in the database.
-        found = {anon_ref(row[0]) for sql, rows in self._pending if sql == _LINK
-                 for row in rows if row[1] == user_id}
-        if self._conn is not None:
-            sql = "SELECT anonymous_id FROM id_links WHERE user_id = ?"
-            found.update(anon_ref(row[0]) for row in await self._conn.execute_fetchall(
-                sql, (user_id,)))
-        return sorted(found)
-
-    async def _one(self, sql: str, ref: str) -> Any:
-        if self._conn is None:
-            return None
-        # One call on the connection's thread: between a cursor's execute and its fetch, another
-        # request's read would run inside this statement's read transaction and see old state.
-        rows = list(await self._conn.execute_fetchall(sql, (ref,)))
-        return rows[0] if rows else None
 
     async def _has_tables(self) -> bool:
         assert self._conn is not None
@@ -349,3 +399,7 @@ def wins(group_id: str, at: str, current: Membership) -> bool:
 
 
 _EVENT_TIME = len("2026-01-01T00:00:00.000Z")
+
+
+def _json(keys: list[str]) -> str:
+    return orjson.dumps(keys).decode()

@@ -275,3 +275,33 @@ async def test_deep_nesting_is_refused(running):
     status, answer, _ = await post(http, relay.url + "/v1/track", deep)
     assert status == 400 and answer["code"] in ("invalid_json", "too_deeply_nested")
     assert stored(relay.config.storage.path) == 0
+
+
+async def test_a_request_with_more_users_than_the_cache_holds_sees_all_their_state(
+        upstream, write_config, start_relay):
+    """With `storage.cache_size: 2`, a batch of 40 users' messages is ruled on the state loaded
+    for all of them: the staff member identified earlier (now out of the cache) is dropped in
+    the middle of it, and each grouped customer's track gets their group, read back from the
+    file."""
+    rules = [{"type": "one_group_per_user"},
+             {"type": "drop_internal_users", "email_domains": ["acme.io"]}]
+    cfg = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}], rules=rules)
+    text = cfg.read_text().replace("synchronous: normal", "synchronous: normal\n  cache_size: 2")
+    cfg.write_text(text)
+    async with start_relay(cfg) as relay, aiohttp.ClientSession() as http:
+        url = relay.url + "/v1/batch"
+        first = [{"type": "identify", "userId": "staff", "traits": {"email": "s@acme.io"}}]
+        first += [{"type": "group", "userId": f"u{n}", "groupId": f"g{n}"} for n in range(20)]
+        assert (await post(http, url, {"batch": first}))[0] == 200
+        second = [{"type": "track", "userId": f"u{n}", "event": "E"} for n in range(20)]
+        second.insert(10, {"type": "track", "userId": "staff", "event": "E"})
+        second += [{"type": "track", "userId": f"new{n}", "event": "E"} for n in range(20)]
+        assert (await post(http, url, {"batch": second}))[0] == 200
+        got = await upstream.wait_for(60)
+    tracks = [m for m in got if m["type"] == "track"]
+    assert [m["userId"] for m in tracks] == [f"u{n}" for n in range(20)] + [
+        f"new{n}" for n in range(20)]
+    assert [m.get("context", {}).get("groupId") for m in tracks[:20]] == [
+        f"g{n}" for n in range(20)]
+    assert all("groupId" not in m.get("context", {}) for m in tracks[20:])
+    assert len(relay.relay.state._groups) <= 2  # back within its size once the rules are done

@@ -313,7 +313,7 @@ async def test_rule_whose_when_fails_is_skipped(state: SqliteState) -> None:
 class Boom:
     """A rule (Rule protocol) that always raises."""
 
-    async def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+    def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
         raise RuntimeError("boom")
 
 

@@ -654,3 +654,17 @@ def test_event_time_past_datetimes_years_in_utc_falls_back_to_received_at() -> N
         "2026-12-07T03:00:00.123Z")
     assert identity.event_time({"timestamp": "soon", "receivedAt": "2026-12-07T03:00:00Z"}) == (
         "2026-12-07T03:00:00.000Z")
+
+
+async def test_an_anonymous_id_found_internal_marks_the_user_it_is_linked_to(state):
+    """One verdict for all of a user's ids, whichever is seen first: an anonymousId linked to a
+    userId and later seen with a staff email makes that userId internal too (as marking the
+    userId first, then linking, would), so their email-less tracks are dropped."""
+    cfg = load(STAFF)
+    linked = identify("bob@customer.example", userId="u1", anonymousId="a1")
+    check(await run(cfg, state, linked), linked, linked)
+    staff = track(anonymousId="a1", properties={"email": "bob@acme.io"})
+    check(await run(cfg, state, staff), staff, INTERNAL)
+    check(await run(cfg, state, track(userId="u1")), {}, INTERNAL)
+    other = track(anonymousId="a2", userId="u1")
+    check(await run(cfg, state, other), {}, INTERNAL)

@@ -160,11 +160,18 @@ async def test_two_workers_through_a_redis_kill_and_kill_9(spawn, upstream, redi
     await relay.wait_ready()
     missing = await wait_delivered(upstream, load.acked, 30.0)
     assert not missing, f"{len(missing)} of {len(load.acked)} never arrived"
-    relay.send(signal.SIGHUP)
+
+    def logged(worker: int, what: str) -> bool:
+        return any(f"[worker {worker}]" in line and what in line
+                   for line in relay.output_of_last_start().splitlines())
 
     def reloaded(worker: int) -> bool:
-        return any(f"[worker {worker}]" in line and "reload (SIGHUP)" in line
-                   for line in relay.output_of_last_start().splitlines())
+        return logged(worker, "reload (SIGHUP)")
+
+    # /readyz answers once one worker listens; a SIGHUP before the other does is ignored there.
+    await until(lambda: logged(1, "listening on") and logged(2, "listening on"), 10,
+                "both workers listening")
+    relay.send(signal.SIGHUP)
 
     await until(lambda: reloaded(1) and reloaded(2), 10, "both workers reloaded")
     assert await relay.wait_exit(0.5) is None  # SIGHUP reloads; it does not stop relay

@@ -136,7 +136,8 @@ class Ingest:
         state = self.state
         try:
             try:
-                await state.load(held.request_refs(ready))
+                if self.pipeline.reads_state:
+                    await state.load(held.request_refs(ready))
             except sqlite3.Error as exc:  # the file cannot be read: as when it cannot be written
                 raise StorageError(f"cannot read user state: {exc}") from exc
             return self._ruled(ready, RuleContext(state=state, route=route), budget, seen)

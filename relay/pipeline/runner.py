@@ -43,6 +43,12 @@ class Rule(Protocol):
     def apply(self, message: Message, ctx: RuleContext) -> Message | Drop: ...
 
 
+def reads_state(rule: Rule) -> bool:
+    """Whether `rule` reads user state (it says so with a class attribute `reads_state`): only
+    then is a request's state loaded before its rules."""
+    return bool(getattr(rule, "reads_state", False))
+
+
 @dataclass(frozen=True)
 class Step:
     """One configured rule: its id (`type#index` unless the YAML names it) and `when:`."""
@@ -116,12 +122,14 @@ class Pipeline:
         self._plan: tuple[tuple[str, Callable[[Message], bool] | None, Apply], ...] = tuple(
             (step.id, step.when.test if step.when is not None else None, step.rule.apply)
             for step in self.steps)
+        self.reads_state = any(reads_state(step.rule) for step in self.steps)
 
     async def run(self, message: Message, ctx: RuleContext, trace: bool = False) -> Outcome:
         """Every step over one `message`, its users' state loaded first (a request's messages
         are loaded together, then each `start`ed)."""
         try:
-            await ctx.state.load(identity.refs(message))
+            if self.reads_state:
+                await ctx.state.load(identity.refs(message))
             started = self.start(message, ctx, trace)
         finally:
             ctx.state.settle()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from relay.options.fields import FieldError
 from relay.pipeline import Message, identity
@@ -19,6 +20,8 @@ class DropInternalUsers:
     An anonymousId is linked to the userId it comes with on any message (and an alias links its
     previousId): whatever order a user's calls arrive in, the same ids end up internal, which
     is what lets several relays end where one would."""
+
+    reads_state: ClassVar[bool] = True  # its state is loaded before the rules
 
     email_domains: tuple[str, ...] = ()
     user_ids: tuple[str, ...] = ()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from relay.options.fields import FieldError
 from relay.pipeline import TYPES, Message, identity
@@ -15,6 +15,8 @@ from relay.state.sqlite import State, anon_ref, user_ref
 class OneGroupPerUser:
     """A group call sets the user's current group (the latest event time wins); messages of the
     types in `inject_into` without `context.groupId` get it; alias carries it to the new id."""
+
+    reads_state: ClassVar[bool] = True  # its state is loaded before the rules
 
     inject_into: tuple[str, ...] = ("track", "page", "screen")
 

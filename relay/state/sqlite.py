@@ -225,11 +225,20 @@ class SqliteState:
         groups, internal, linked, links = self._groups, self._internal, self._linked, self._links
         for cache in (groups, internal, linked, links):
             cache.holding = True
-        refs = list(refs)
-        no_group = [ref for ref in refs if ref not in groups]
-        no_verdict = [ref for ref in refs if ref not in internal]
-        users = [ref[2:] for ref in refs if ref[:2] == "u:" and ref not in linked]
-        anons = [ref[2:] for ref in refs if ref[:2] == "a:" and ref[2:] not in links]
+        no_group: list[str] = []
+        no_verdict: list[str] = []
+        users: list[str] = []
+        anons: list[str] = []
+        for ref in refs:  # one pass: this runs for every message of every request
+            if ref not in groups:
+                no_group.append(ref)
+            if ref not in internal:
+                no_verdict.append(ref)
+            if ref[:2] == "u:":
+                if ref not in linked:
+                    users.append(ref[2:])
+            elif ref[2:] not in links:
+                anons.append(ref[2:])
         if not (no_group or no_verdict or users or anons):
             return
         found = await self._rows(_LOAD, [_json(no_group), _json(no_verdict), _json(users),

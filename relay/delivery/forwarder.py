@@ -10,15 +10,18 @@ import random
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from relay import clock
-from relay.config.model import Upstream
 from relay.delivery import vendor_batch
 from relay.metrics import Metrics
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Outbox, Pending
+
+if TYPE_CHECKING:  # the config is read by every stage; it imports the stages itself
+    from relay.config.model import Upstream
 
 log = logging.getLogger("relay.forwarder")
 

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,9 +24,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from relay.config.model import UserState
 from relay.metrics import Metrics
 from relay.state import redis_scripts
+
+if TYPE_CHECKING:  # the config is read by every stage; it imports the stages itself
+    from relay.config.model import UserState
 
 log = logging.getLogger("relay.state")
 

@@ -116,7 +116,9 @@ class Forwarder:
                         return
                     await _wait(signal, 1.0)
                     continue
-                if len(batch) == self.upstream.max_batch_messages:
+                if len(batch) == self.upstream.max_batch_messages and \
+                        await self.outbox.may_read_on(self.upstream.name, batch,
+                                                      by_key=not self.upstream.write_key):
                     # A backlog: the next batch is read while this one is on its way (ids
                     # only grow, so what follows this batch now is what will follow it then).
                     self._ahead = asyncio.create_task(self._read(after=batch[-1].id))

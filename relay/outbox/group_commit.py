@@ -63,6 +63,9 @@ class GroupCommit:
                     await asyncio.shield(waited)
             elif self._ops:
                 self._send()
+            # An answered commit is settled by a callback of the loop's next turn; awaiting a
+            # future that is already done does not yield, so without this the loop spun for ever.
+            await asyncio.sleep(0)
         self._fail(self._ops, StorageError("storage is closed"))
         self._ops = []
 

@@ -224,6 +224,20 @@ class Outbox:
             batch.append(Pending(*row))
         return batch
 
+    async def may_read_on(self, upstream: str, batch: Sequence[Pending], by_key: bool) -> bool:
+        """Whether the batch after `batch` may be read from its last id on (while it is being
+        sent) without breaking a user's order. By key, a batch takes the oldest key's messages
+        and passes over other keys' in between; those must go first, and reading on from its
+        last id would pass them over for good (a user's later message sent before an earlier
+        one). So by key, only a batch that passed over nothing may be read on from."""
+        if not by_key or not batch or batch[-1].id - batch[0].id < len(batch):
+            return True  # ids only grow, and these are consecutive: nothing was passed over
+        assert self._reader is not None
+        rows = list(await self._reader.execute_fetchall(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE upstream = ? AND id > ? AND id < ?"
+            " AND write_key != ?)", (upstream, batch[0].id, batch[-1].id, batch[0].write_key)))
+        return not rows[0][0]
+
     async def _rows(self, where: str, args: tuple[Any, ...]) -> list[list[Any]]:
         """The oldest rows `where` holds, in id order. The bodies come as one text and their
         lengths: quoted into a JSON array, each body's quotes were escaped by SQLite and

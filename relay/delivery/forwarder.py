@@ -270,7 +270,7 @@ class Forwarder:
 
     def _recovered(self) -> None:
         if self.failures or self.paused:
-            log.warning("upstream %s: delivering again", self.upstream.name)
+            log.info("upstream %s: delivering again", self.upstream.name)
         self.failures = 0
         self.paused = False
 

@@ -62,7 +62,7 @@ class Capacity:
             await self.sync(conn)
         excess = self.used + size - self.max_bytes
         if excess <= 0:
-            self.full = False
+            self._below()
             return []
         if self.when_full == "reject" or size > self.max_bytes:
             self.full = True
@@ -106,7 +106,14 @@ class Capacity:
         self._gone.difference_update(sizes)
         self.used = max(self.used - size, 0)
         if self.full and self.used < self.max_bytes:
+            self._below()
+
+    def _below(self) -> None:
+        """Room again: said once, as the cap was (answers are 200 again under `reject`)."""
+        if self.full:
             self.full = False
+            log.info("storage: outbox below its cap again (%d of %d bytes)", self.used,
+                     self.max_bytes)
 
     def _log(self, text: str, *args: Any) -> None:
         now = time.monotonic()

@@ -122,7 +122,7 @@ class GroupCommit:
 
     def _succeeded(self, ops: list[Op]) -> None:
         if not self.writable:
-            log.warning("storage: writable again")
+            log.info("storage: writable again")
         self.writable = True
         self.commits += 1
         for _, future in ops:

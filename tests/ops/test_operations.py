@@ -438,7 +438,7 @@ async def test_json_logs_tell_each_event_and_never_a_secret(
                            r" attempt 1; messages kept, next try in \d+\.\ds")
     assert (failed["level"], failed["logger"]) == ("warning", "relay.forwarder")
     again = only(entries, r"upstream seg: delivering again")
-    assert (again["level"], again["logger"]) == ("warning", "relay.forwarder")
+    assert (again["level"], again["logger"]) == ("info", "relay.forwarder")  # a recovery
     dead = only(entries, r'upstream seg: 1 message\(s\) dead-lettered, answer 400:'
                          r' \{"code":"invalid","message":"bad message"\}')
     assert (dead["level"], dead["logger"]) == ("error", "relay.forwarder")
@@ -535,9 +535,12 @@ def capped(write_config, upstream, tmp_path) -> Callable[[str], tuple[Path, Path
     return make
 
 
-async def test_full_outbox_answers_503_until_drained(upstream, capped, start_relay, http):
+async def test_full_outbox_answers_503_until_drained(upstream, capped, start_relay, http,
+                                                     caplog):
     """At storage.max_bytes (reject) relay answers 503 with Retry-After and fails /readyz,
-    stores nothing of that request, and is back to 200 once the vendor drains the outbox."""
+    stores nothing of that request, and is back to 200 once the vendor drains the outbox,
+    which one INFO line says."""
+    caplog.set_level("INFO", logger="relay.outbox")
     path, db = capped("reject")
     await upstream.stop()
     async with start_relay(path) as running:
@@ -570,6 +573,8 @@ async def test_full_outbox_answers_503_until_drained(upstream, capped, start_rel
     assert upstream.accepted_ids() == acked
     assert by(m, "relay_requests_total", "route", "status") == {
         ("/v1/batch", "200"): 5, ("/v1/batch", "503"): 2}
+    below = [r for r in caplog.records if "below its cap again" in r.getMessage()]
+    assert len(below) == 1 and below[0].levelname == "INFO"
 
 
 async def test_drop_oldest_keeps_outbox_under_cap_and_counts(

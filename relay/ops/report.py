@@ -11,6 +11,7 @@ from typing import Any
 
 import aiosqlite
 
+from relay import clock
 from relay.config.model import Config
 from relay.metrics import Metrics
 from relay.ops import worker_files
@@ -21,6 +22,13 @@ async def build(config: Config, store: RedisStore | None = None) -> dict[str, An
     """The report for `config`: from its database (read-only; empty when there is none yet),
     and, with the redis backend, the users from Redis (through `store`, or a client of its own).
     """
+    built = await _gathered(config, store)
+    for user in built["internal_users"]:  # JSON readers get times as text, like every other
+        user["first_seen"] = clock.iso(clock.datetime_of(float(user["first_seen"])))
+    return built
+
+
+async def _gathered(config: Config, store: RedisStore | None) -> dict[str, Any]:
     built = await _from_sqlite(config.storage.path)
     for worker, path in worker_files.paths(config):  # with workers: every worker's counts
         if worker > 1 and os.path.exists(path):  # noqa: ASYNC240 (one look per worker)

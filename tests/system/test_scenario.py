@@ -28,6 +28,7 @@ from processes import wait_ready
 from segment.analytics.client import Client as SegmentClient
 
 from relay.cli import commands
+from relay.ops import queue
 
 KEY = "WK_scenario"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
@@ -536,7 +537,7 @@ async def test_report_lists_multi_group_users_internal_users_and_rule_counts(
     assert await asyncio.to_thread(commands.main, ["report", "--config", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     first_seen = [u.pop("first_seen") for u in report["internal_users"]]
-    assert all(started <= t <= finished for t in first_seen)
+    assert all(queue.iso(started) <= t <= queue.iso(finished) for t in first_seen)  # ISO text
     for user in report["multi_group_users"]:
         user["groups"].sort()
     assert report == {

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -34,6 +35,10 @@ ANSWER_SNIPPET = 500
 # waited for the last one's delete (and now and then a WAL checkpoint) before its own could start:
 # two let the forwarder go on meanwhile, and a crash sends at most three batches again.
 ACKS_IN_FLIGHT = 2
+# While a long backoff after the vendor could not be reached runs out, whether it can be again
+# is asked this often, with a TCP connect and nothing sent: it resumes within seconds of the
+# vendor's return instead of up to backoff_max_seconds later, and asks little while it is down.
+PROBE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Forwarder:
         self.url = vendor_batch.batch_url(upstream.kind, upstream.url)
         self.failures = 0
         self.paused = False
+        self.unreachable = False  # the last failure had no answer at all (refused, DNS, reset)
         self._deadline: float | None = None
         self._stop = asyncio.Event()
         self._ahead: asyncio.Task[list[Pending]] | None = None  # the next batch, read ahead
@@ -131,7 +137,7 @@ class Forwarder:
                 if self._ahead is not None:
                     await _discard(self._ahead)  # this batch is read again first
                     self._ahead = None
-                await self._sleep(wait)
+                await (self._probing(wait) if self.unreachable else self._sleep(wait))
             elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
                 # Under a steady stream, a short pause fills the next batch instead of sending
                 # many small ones; when idle it only delays the next message by as much.
@@ -231,6 +237,7 @@ class Forwarder:
 
     def _backoff(self, answer: Answer, batch_size: int) -> float:
         self.failures += 1
+        self.unreachable = answer.status == 0
         ceiling = min(
             self.upstream.backoff_max_seconds,
             self.upstream.backoff_initial_seconds * 2 ** min(self.failures - 1, 30),
@@ -273,6 +280,26 @@ class Forwarder:
             log.info("upstream %s: delivering again", self.upstream.name)
         self.failures = 0
         self.paused = False
+        self.unreachable = False
+
+    async def _probing(self, seconds: float) -> None:
+        """`_sleep(seconds)`, cut short once the vendor accepts a connection again."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0 and not self._stop.is_set():
+            await self._sleep(min(left, PROBE_SECONDS))
+            if until - time.monotonic() > 0 and await self._reachable():
+                return
+
+    async def _reachable(self) -> bool:
+        parts = urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(parts.hostname, port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
 
     def _out_of_time(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline

@@ -335,6 +335,27 @@ async def test_vendor_stopped_then_back(upstream, write_config, start_relay, htt
     assert ids(got) == sent
 
 
+async def test_a_vendor_back_during_a_long_backoff_is_found_within_seconds(
+        upstream, write_config, start_relay, http):
+    """The vendor refuses connections, so relay backs off 30-60 s; the vendor comes back 1 s
+    later and relay, asking with a bare TCP connect every 2 s (nothing sent), delivers within
+    seconds, not at the end of the backoff. While it is down, those connects are all it does."""
+    path = write_config([seg(upstream, backoff_initial_seconds=60, backoff_max_seconds=60)])
+    async with start_relay(path) as relay:
+        forwarder = relay.relay.forwarders[0]
+        await upstream.stop()
+        sent = await send(http, relay, tracks("u", 3))
+        await until(lambda: forwarder.failures >= 1, seconds=5, what="a refused attempt")
+        await asyncio.sleep(1.0)
+        assert forwarder.failures == 1  # waiting out its backoff, not trying again
+        back = time.monotonic()
+        await upstream.start()
+        got = await upstream.wait_for(3, seconds=10)
+        took = time.monotonic() - back
+    assert ids(got) == sent
+    assert took < 2.0 + 3.0  # one probe interval, and the machine's noise
+
+
 # ---------------------------------------------------------------- order
 
 

@@ -283,11 +283,18 @@ class Forwarder:
         self.unreachable = False
 
     async def _probing(self, seconds: float) -> None:
-        """`_sleep(seconds)`, cut short once the vendor accepts a connection again."""
+        """`_sleep(seconds)`, cut short once the vendor accepts a connection again. Only a
+        wait longer than two probes is probed, and never once relay is stopping (a lookup of
+        a host that does not resolve may outlast the grace)."""
+        if seconds < 2 * PROBE_SECONDS:
+            await self._sleep(seconds)
+            return
         until = time.monotonic() + seconds
         while (left := until - time.monotonic()) > 0 and not self._stop.is_set():
             await self._sleep(min(left, PROBE_SECONDS))
-            if until - time.monotonic() > 0 and await self._reachable():
+            if self._stop.is_set() or until - time.monotonic() <= 0:
+                return
+            if await self._reachable():
                 return
 
     async def _reachable(self) -> bool:

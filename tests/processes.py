@@ -100,25 +100,21 @@ class RelayProcess:
     def writer_pids(self) -> list[int]:
         """The pids of relay's writer processes (its children running
         `relay.outbox.writer_child`)."""
-        assert self.proc is not None
-        pid = self.proc.pid
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            return []
-        return [int(child) for child in children
-                if alive_as(int(child), "relay.outbox.writer_child")]
+        return self._children("relay.outbox.writer_child")
 
     def serving_pids(self) -> list[int]:
         """The pids of relay's worker processes (with `workers` above 1: its `relay serve`
         children)."""
+        return self._children("serve")
+
+    def _children(self, running: str) -> list[int]:
         assert self.proc is not None
         pid = self.proc.pid
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             return []
-        return [int(child) for child in children if alive_as(int(child), "serve")]
+        return [int(child) for child in children if alive_as(int(child), running)]
 
     def kill_and_wait(self) -> int:
         """SIGKILL, then the exit status once it is gone."""

@@ -21,11 +21,11 @@ from relay.state.sqlite import user_ref
 Ready = list[tuple[Message, str | None]]
 
 
-async def fetched(shared: SharedState, ready: Ready, key: str, route: str,
+async def fetched(shared: SharedState, ready: Ready, flat: list[str], *, key: str, route: str,
                   metrics: Metrics) -> Ready:
     """`ready`'s messages whose rules may run now, once what the store holds about their users
-    is fetched in one call; the others are held (their rows ride in the request's commit)."""
-    flat = request_refs(ready)
+    (`flat`: `request_refs(ready)`) is fetched in one call; the others are held (their rows
+    ride in the request's commit)."""
     answered = not flat or await shared.prefetch(flat)
     if not shared.hold or (answered and not shared.held_refs):
         if not answered:

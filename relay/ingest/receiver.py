@@ -122,22 +122,26 @@ class Ingest:
         seen = Seen()
         budget = segment.Budget(size)
         ready = _assembled(items, top, route, remote, budget=budget, seen=seen)
+        refs = held.request_refs(ready)  # once: for the shared store's fetch and the rules' load
         if self.shared is not None:
-            ready = await held.fetched(self.shared, ready, key, route.path, self.metrics)
+            ready = await held.fetched(self.shared, ready, refs, key=key, route=route.path,
+                                       metrics=self.metrics)
         budget.used = 0
-        entries = await self.rules(ready, route.path, budget, seen)
+        entries = await self.rules(ready, route.path, budget, seen, refs)
         counts, tally = seen.totals()
         return entries, counts, tally
 
     async def rules(self, ready: list[tuple[Message, str | None]], route: str,
-                    budget: segment.Budget, seen: Seen) -> list[Entry]:
+                    budget: segment.Budget, seen: Seen,
+                    refs: list[str] | None = None) -> list[Entry]:
         """`ready`'s messages through the rules, serialised as stored; what `seen` counts.
-        Their users' state is loaded first, in one go; the rules then run without a pause."""
+        Their users' state (`refs`, when already known) is loaded first, in one go; the rules
+        then run without a pause."""
         state = self.state
         try:
             try:
                 if self.pipeline.reads_state:
-                    await state.load(held.request_refs(ready))
+                    await state.load(held.request_refs(ready) if refs is None else refs)
             except sqlite3.Error as exc:  # the file cannot be read: as when it cannot be written
                 raise StorageError(f"cannot read user state: {exc}") from exc
             return self._ruled(ready, RuleContext(state=state, route=route), budget, seen)

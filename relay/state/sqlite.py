@@ -356,6 +356,9 @@ class SqliteState:
     def link(self, anonymous_id: str, user_id: str) -> None:
         """Ties an anonymousId to a userId; an internal verdict on either covers both."""
         anonymous, user = anon_ref(anonymous_id), user_ref(user_id)
+        before = self._links.get(anonymous[2:])
+        if before and f"u:{before}" != user:  # moved to another user: no longer one of theirs
+            self._linked.get(f"u:{before}", set()).discard(anonymous)
         self._tie(anonymous_id, user_id)
         linked = self._linked.get(user)
         if linked is not None:

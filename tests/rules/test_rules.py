@@ -668,3 +668,15 @@ async def test_an_anonymous_id_found_internal_marks_the_user_it_is_linked_to(sta
     check(await run(cfg, state, track(userId="u1")), {}, INTERNAL)
     other = track(anonymousId="a2", userId="u1")
     check(await run(cfg, state, other), {}, INTERNAL)
+
+
+async def test_an_anonymous_id_linked_to_another_user_leaves_the_first_ones_verdict(state):
+    """An anonymousId moved from u1 to u2 (a later call carries it with u2) is no longer u1's:
+    u1 found internal afterwards does not make it, or u2's tracks, internal."""
+    cfg = load(STAFF)
+    for message in (identify("a@customer.example", userId="u1", anonymousId="a1"),
+                    identify("b@customer.example", userId="u2", anonymousId="a1")):
+        check(await run(cfg, state, message), message, message)
+    check(await run(cfg, state, identify("a@acme.io", userId="u1")), {}, INTERNAL)
+    for message in (track(anonymousId="a1"), track(userId="u2")):
+        check(await run(cfg, state, message), message, message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -29,6 +30,8 @@ from relay.state.redis_store import FAILURES, RedisStore
 from relay.state.shared import SharedState
 from relay.state.shipper import Shipper
 from relay.state.sqlite import UNGROUPED, SqliteState
+from relay.tap import routes as tap_routes
+from relay.tap.hub import Tap
 
 log = logging.getLogger("relay")
 
@@ -52,9 +55,10 @@ class Relay:
                                      hold=config.state.on_unavailable == "hold")
         else:
             self.state = SqliteState(config.database, config.storage.cache_size)
+        self.tap = Tap()
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
                              self.state, self.outbox, self.metrics,
-                             body_seconds=config.limits.body_seconds)
+                             body_seconds=config.limits.body_seconds, tap=self.tap)
         self.forwarders: list[Forwarder] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.reloader = Reloader(config.file, config, self.apply) if config.file else None
@@ -79,7 +83,7 @@ class Relay:
             self.tasks.append(asyncio.create_task(_supervised("held messages", releaser.run),
                                                   name="release-held"))
         for upstream in self.config.upstreams:
-            forwarder = Forwarder(upstream, self.outbox, session, self.metrics)
+            forwarder = Forwarder(upstream, self.outbox, session, self.metrics, self.tap)
             self.forwarders.append(forwarder)
             self.tasks.append(asyncio.create_task(
                 _supervised(f"upstream {upstream.name}: delivery", forwarder.run),
@@ -186,7 +190,7 @@ def build(config: Config, middlewares: Sequence[Any] = ()) -> web.Application:
     _add_browser_parts(app, relay)
     app.add_routes([web.get("/healthz", _healthz)])
     if not config.admin.listen:
-        app.add_routes(_operations(config))
+        app.add_routes(_operations(relay))
     return app
 
 
@@ -195,15 +199,17 @@ def build_admin(relay: Relay) -> web.Application:
     the running parts of the main one."""
     app = web.Application()
     app[RELAY] = relay
-    app.add_routes([web.get("/healthz", _healthz), *_operations(relay.config)])
+    app.add_routes([web.get("/healthz", _healthz), *_operations(relay)])
     return app
 
 
-def _operations(config: Config) -> list[web.RouteDef]:
-    """What operators ask: readiness, metrics, and /admin/* when there is a token."""
+def _operations(relay: Relay) -> list[web.RouteDef]:
+    """What operators ask: readiness, metrics, and /admin/*, the tap and its page when there is
+    a token."""
     routes = [web.get("/readyz", _readyz), web.get("/metrics", _metrics)]
-    if config.admin.token:
-        routes += [web.get("/admin/report", _admin_report), web.get("/admin/queue", _admin_queue)]
+    if relay.config.admin.token:
+        routes += [web.get("/admin/report", _admin_report), web.get("/admin/queue", _admin_queue),
+                   *tap_routes.routes(relay.tap, _authorized, _unauthorized)]
     return routes
 
 
@@ -226,10 +232,16 @@ def _add_browser_parts(app: web.Application, relay: Relay) -> None:
 
 
 def _authorized(request: web.Request) -> bool:
+    """Whether the request carries the admin token. Digests of equal length are compared, in
+    constant time: a wrong token's length tells no more than its bytes do."""
     token = request.app[RELAY].config.admin.token
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              token.encode())
+    return hmac.compare_digest(_digest(given.strip()), _digest(token)) \
+        and scheme.lower() == "bearer"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _unauthorized() -> web.Response:

@@ -207,6 +207,7 @@ async def serve(config: Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("relay: stopping; %d request(s) in flight", inflight.count)
+        application[app.RELAY].tap.close("relay is stopping")  # open streams are no request
         inflight.stopping = True
         await listener.drain(inflight, DRAIN_SECONDS)
     finally:

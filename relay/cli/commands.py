@@ -17,7 +17,7 @@ from relay import logs, server, workers
 from relay.cli import queue as queue_commands
 from relay.config import model as config
 from relay.ingest.segment import PayloadError
-from relay.ops import report, salvage, try_rules, worker_files
+from relay.ops import report, salvage, tap_client, try_rules, worker_files
 from relay.outbox import lock
 from relay.state.redis_store import FAILURES
 
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         ("try", _try, "show what the rules do to a payload; stores, sends and remembers nothing"),
         ("report", _report, "users in several groups, internal users seen, rule counts"),
         ("salvage", _salvage, "copy what is readable of a damaged database into a new file"),
+        ("tap", _tap, "watch the running relay's messages live: what the rules did, delivery"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("--config", default=default,
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     commands["report"].add_argument("--json", action="store_true", help="print JSON")
     commands["salvage"].add_argument("--to", required=True, metavar="NEW",
                                      help="the new database file to write (must not exist)")
+    _tap_arguments(commands["tap"])
     log_format = os.environ.get("RELAY_LOG_FORMAT", "human")
     commands["serve"].add_argument(
         "--log-format", choices=("human", "json"),
@@ -117,6 +119,50 @@ def _report(args: argparse.Namespace) -> int:
         print(f"relay report: cannot read user state from Redis ({exc})", file=sys.stderr)
         return 1
     print(json.dumps(built, indent=2) if args.json else "\n".join(report.text(built)))
+    return 0
+
+
+def _tap_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--user", help="only this userId or anonymousId")
+    cmd.add_argument("--type", help="only this type (track, identify, ...)")
+    cmd.add_argument("--event", help="only event names matching this glob, e.g. 'Report *'")
+    cmd.add_argument("--outcome", choices=("forwarded", "dropped", "invalid", "refused"))
+    cmd.add_argument("--upstream", help="delivery events of this upstream only")
+    cmd.add_argument("--json", action="store_true", help="JSON lines: {kind, ...event}")
+    cmd.add_argument("--limit", type=int, metavar="N", help="stop after N messages")
+
+
+def _tap(args: argparse.Namespace) -> int:
+    loaded = config.load_or_print(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    if not loaded.admin.token:
+        print(f"relay tap: admin.token is empty in {args.config}, so the tap is off",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    filters = {name: getattr(args, name) or "" for name in tap_client.FILTERS}
+    try:
+        return asyncio.run(_tapping(loaded, filters, args.json, args.limit))
+    except KeyboardInterrupt:
+        return 0
+    except tap_client.TapError as exc:
+        print(f"relay tap: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _tapping(loaded: config.Config, filters: dict[str, str], as_json: bool,
+                   limit: int | None) -> int:
+    shown = 0
+    async for kind, data in tap_client.events(loaded, filters):
+        if kind == "bye":
+            print(f"relay tap: relay ended the stream: {data.get('reason')}", file=sys.stderr)
+            return 1
+        text = json.dumps({"kind": kind, **data}) if as_json else tap_client.line(kind, data)
+        if text is not None:
+            print(text, flush=True)
+        shown += kind == "message"
+        if limit is not None and shown >= limit:
+            return 0
     return 0
 
 

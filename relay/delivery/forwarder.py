@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 
 from relay import clock
 from relay.delivery import vendor_batch
 from relay.metrics import Metrics
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Outbox, Pending
+from relay.tap import records
+from relay.tap.hub import Tap
 
 if TYPE_CHECKING:  # the config is read by every stage; it imports the stages itself
     from relay.config.model import Upstream
@@ -73,8 +76,9 @@ class Forwarder:
     """Sends one upstream everything its queue holds, in order, for as long as relay runs."""
 
     def __init__(self, upstream: Upstream, outbox: Outbox, session: aiohttp.ClientSession,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, tap: Tap | None = None) -> None:
         self.upstream = upstream
+        self.tap = tap or Tap()
         self.outbox = outbox
         self.session = session
         self.metrics = metrics
@@ -173,17 +177,28 @@ class Forwarder:
                 await self._acking.pop(0)
             self._acking.append(asyncio.create_task(self.outbox.ack(batch)))
             self._recovered()
+            self._shown(batch, "delivered", answer)
             return None
         if answer.status in (400, 413):
             return await self._bisect(batch, answer)
         if retryable(answer.status):
+            self._shown(batch, "retrying", answer)
             return self._backoff(answer, len(batch))
         # 404 on the batch path is a wrong `url` (a vendor has that path), not a bad message:
         # dead-lettering would set every message aside until someone replays them.
         if answer.status in (401, 403, 404) or 300 <= answer.status < 400:
+            self._shown(batch, "paused", answer)
             return self._pause(answer)
         await self._dead_letter(batch, answer)
         return None
+
+    def _shown(self, batch: list[Pending], outcome: str, answer: Answer) -> None:
+        """What became of `batch`, to the tap's viewers (only while someone watches)."""
+        if self.tap.watching:
+            ids = [_message_id(pending.body) for pending in batch]
+            detail = None if 200 <= answer.status < 300 else _one_line(answer.text)
+            self.tap.delivery(self.upstream.name, ids,
+                              records.delivery(outcome, answer.status, detail))
 
     async def post(self, batch: list[Pending]) -> Answer:
         """One batch request; network failures and timeouts are status 0."""
@@ -229,6 +244,7 @@ class Forwarder:
 
     async def _dead_letter(self, batch: list[Pending], answer: Answer) -> None:
         await self.outbox.dead_letter(self.upstream.name, batch, answer.status, answer.text)
+        self._shown(batch, "dead_letter", answer)
         self.metrics.dead_letters.labels(self.upstream.name).inc(len(batch))
         log.error(
             "upstream %s: %d message(s) dead-lettered, answer %d: %s",
@@ -333,6 +349,13 @@ def _describe(answer: Answer) -> str:
     if answer.status == 0:
         return answer.text
     return f"{answer.status} {_one_line(answer.text)[:120]}"
+
+
+def _message_id(body: str) -> object:
+    try:
+        return orjson.loads(body).get("messageId")
+    except (orjson.JSONDecodeError, AttributeError):  # lone surrogates: shown without delivery
+        return None
 
 
 def _one_line(text: str) -> str:

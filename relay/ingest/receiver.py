@@ -20,11 +20,16 @@ from relay.metrics import Metrics, Tally
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Entry, Outbox
 from relay.pipeline import Message
-from relay.pipeline.runner import Pipeline, RuleContext
+from relay.pipeline.runner import Outcome, Pipeline, RuleContext
 from relay.state.shared import SharedState
 from relay.state.sqlite import SqliteState
+from relay.tap import records
+from relay.tap.hub import Summary, Tap
 
 log = logging.getLogger("relay.ingest")
+
+# What the tap is shown of a request's messages, published once they are stored.
+Tapped = list[tuple[Summary, dict[str, Any], Any]]
 
 OK = b'{"success": true}'
 STORAGE_RETRY_AFTER = "5"
@@ -54,7 +59,8 @@ class Ingest:
     """Turns SDK requests into stored messages, for every route of `segment.routes()`."""
 
     def __init__(self, write_keys: tuple[str, ...], pipeline: Pipeline, state: SqliteState,
-                 outbox: Outbox, metrics: Metrics, *, body_seconds: float) -> None:
+                 outbox: Outbox, metrics: Metrics, *, body_seconds: float,
+                 tap: Tap | None = None) -> None:
         self.write_keys = frozenset(write_keys)
         self.pipeline = pipeline  # replaced whole on reload; a request keeps the one it began with
         self.state = state
@@ -62,6 +68,7 @@ class Ingest:
         self.outbox = outbox
         self.metrics = metrics
         self.body_seconds = body_seconds
+        self.tap = tap or Tap()
 
     async def answer(self, route: Route, raw: bytes, encoding: str, authorization: str | None,
                      remote: str | None) -> Answer:
@@ -73,6 +80,8 @@ class Ingest:
             answer = OK_ANSWER
         except PayloadError as exc:
             answer = Answer.error(exc.status, exc.code, exc.message)
+            if self.tap.watching:
+                self.tap.refused(records.refused(route.path, exc.status, exc.code, exc.message))
         except StorageError as exc:
             answer = Answer.error(503, "storage_unavailable", f"cannot store messages: {exc}",
                                   **{"Retry-After": STORAGE_RETRY_AFTER})
@@ -92,8 +101,9 @@ class Ingest:
         if self.write_keys and key not in self.write_keys:
             raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
         try:
+            tapped: Tapped | None = [] if self.tap.watching else None
             entries, counts, tally = await self.process(items, top, route, remote,
-                                                        size=len(raw), key=key)
+                                                        size=len(raw), key=key, tapped=tapped)
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
@@ -106,34 +116,39 @@ class Ingest:
             self.state.forget()
             raise
         self.state.committed()
+        for seen, record, message_id in tapped or ():
+            self.tap.message(seen, record, message_id)
         if "dropped.outbox_full" in counts:
             tally[("dropped", "storage", "outbox_full")] = counts["dropped.outbox_full"]
         self.metrics.record(tally)  # only now: a request refused with 503 comes again
 
     async def process(
         self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
-        size: int, key: str = "",
+        size: int, key: str = "", tapped: Tapped | None = None,
     ) -> tuple[list[Entry], dict[str, int], Tally]:
         """Each item validated, stamped and measured, then run through the rules; what is left,
         serialised, with the durable counters and the metrics' tally of what happened. `size`
         is the request's (decompressed) size, which bounds what it may store (`segment.Budget`).
         With a shared store, what its rules cannot run on yet is held (`relay.ingest.held`).
+        While the tap is watched, what it samples is recorded in `tapped`.
         """
         seen = Seen()
         budget = segment.Budget(size)
-        ready = _assembled(items, top, route, remote, budget=budget, seen=seen)
+        watch = None if tapped is None else _Watch(self.tap, tapped, route.path, key)
+        ready = _assembled(items, top, route, remote, budget=budget, seen=seen, watch=watch)
         refs = held.request_refs(ready)  # once: for the shared store's fetch and the rules' load
         if self.shared is not None:
             ready = await held.fetched(self.shared, ready, refs, key=key, route=route.path,
                                        metrics=self.metrics)
         budget.used = 0
-        entries = await self.rules(ready, route.path, budget, seen, refs)
+        entries = await self.rules(ready, route.path, budget, seen, refs, watch=watch)
         counts, tally = seen.totals()
         return entries, counts, tally
 
     async def rules(self, ready: list[tuple[Message, str | None]], route: str,
                     budget: segment.Budget, seen: Seen,
-                    refs: list[str] | None = None) -> list[Entry]:
+                    refs: list[str] | None = None, *,
+                    watch: _Watch | None = None) -> list[Entry]:
         """`ready`'s messages through the rules, serialised as stored; what `seen` counts.
         Their users' state (`refs`, when already known) is loaded first, in one go; the rules
         then run without a pause."""
@@ -144,16 +159,19 @@ class Ingest:
                     await state.load(held.request_refs(ready) if refs is None else refs)
             except sqlite3.Error as exc:  # the file cannot be read: as when it cannot be written
                 raise StorageError(f"cannot read user state: {exc}") from exc
-            return self._ruled(ready, RuleContext(state=state, route=route), budget, seen)
+            return self._ruled(ready, RuleContext(state=state, route=route), budget, seen, watch)
         finally:
             state.settle()
 
     def _ruled(self, ready: list[tuple[Message, str | None]], ctx: RuleContext,
-               budget: segment.Budget, seen: Seen) -> list[Entry]:
+               budget: segment.Budget, seen: Seen, watch: _Watch | None) -> list[Entry]:
         pipeline = self.pipeline
         entries: list[Entry] = []
         for message, sent in ready:
-            final = pipeline.start(message, ctx)
+            if watch is not None and watch.tap.sample(message):
+                final = watch.traced(pipeline, message, pipeline.start(message, ctx, trace=True))
+            else:
+                final = pipeline.start(message, ctx)
             if not isinstance(final, dict):  # a rule changed, dropped or failed on it
                 outcome = final
                 for step in outcome.changed_by:
@@ -174,7 +192,8 @@ class Ingest:
 
 
 def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
-               budget: segment.Budget, seen: Seen) -> list[tuple[Message, str | None]]:
+               budget: segment.Budget, seen: Seen,
+               watch: _Watch | None = None) -> list[tuple[Message, str | None]]:
     """Every valid item as the message the client's request makes of it (the batch's shared
     fields merged in, stamped), with its body as stored when its size must be checked; a
     PayloadError 413 when one is over the limits, before any rule or state has seen any."""
@@ -190,6 +209,8 @@ def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str 
         reason = segment.invalid_reason(message)
         if reason is not None:
             _add(seen.invalid, reason)
+            if watch is not None and watch.tap.sample(message):
+                watch.invalid(message, reason)
             continue
         kind = message["type"]
         types[kind] = types.get(kind, 0) + 1
@@ -231,6 +252,26 @@ class Seen:
             counts[f"dropped.{step}"] = counts.get(f"dropped.{step}", 0) + n
             tally[("dropped", step, reason)] = n
         return counts, tally
+
+
+class _Watch:
+    """One request's messages as the tap samples them, recorded until they are stored."""
+
+    def __init__(self, tap: Tap, tapped: Tapped, route: str, key: str) -> None:
+        self.tap = tap
+        self.tapped = tapped
+        self.route = route
+        self.key = key
+
+    def traced(self, pipeline: Pipeline, message: Message,
+               result: Message | Outcome) -> Message | Outcome:
+        seen, record = records.traced(pipeline, message, result, self.route, self.key)
+        self.tapped.append((seen, record, message.get("messageId")))
+        return result
+
+    def invalid(self, message: Message, reason: str) -> None:
+        seen, record = records.invalid(message, self.route, self.key, reason)
+        self.tapped.append((seen, record, message.get("messageId")))
 
 
 def _add(counts: dict[Any, int], key: Any) -> None:

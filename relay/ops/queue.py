@@ -20,6 +20,7 @@ from relay import clock
 from relay.config.model import Config
 from relay.logs import mask
 from relay.ops import worker_files
+from relay.ops.admin_url import admin_url
 from relay.ops.progress import Progress, silent
 from relay.ops.queue_db import (
     CHUNK,
@@ -113,9 +114,7 @@ async def paused(config: Config) -> dict[str, bool] | None:
     `admin.token` is empty or relay does not answer at `admin.listen` (else `listen`)."""
     if not config.admin.token:
         return None
-    where = config.admin if config.admin.listen else config
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(where.host, where.host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{where.port}/admin/queue"
+    url = admin_url(config, "/admin/queue")
     auth = {"Authorization": f"Bearer {config.admin.token}"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http, \

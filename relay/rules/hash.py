@@ -7,6 +7,7 @@ import hmac
 import json
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from relay.options.fields import FieldError
 from relay.pipeline import Message, dotted
@@ -19,6 +20,9 @@ _ABSENT = object()
 class Hash:
     """Replaces each of `paths` by the hex HMAC-SHA256 of its value, keyed by the environment
     variable named in `key_env`; the same value always hashes the same, so joins still work."""
+
+    # The tap shows what this rule replaced as replaced, in the message as received too.
+    masks_values: ClassVar[bool] = True
 
     paths: tuple[str, ...]
     key_env: str = "RELAY_HASH_KEY"

@@ -1,0 +1,98 @@
+"""`relay tap`: the running relay's `/admin/tap` stream, read beside it, one line per event."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from relay.config.model import Config
+from relay.ops.admin_url import admin_url
+
+FILTERS = ("user", "type", "event", "outcome", "upstream")
+CONNECT_SECONDS = 5.0
+MAX_EVENT_BYTES = 8 * 1024 * 1024  # relay's events are far smaller; a stream is not trusted
+
+
+class TapError(Exception):
+    """Why the stream could not be read (said as is to the user)."""
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+async def events(config: Config, filters: dict[str, str]) -> AsyncIterator[Event]:
+    """Each event of the stream as (kind, data), until relay ends it (a `bye` is the last)."""
+    query = urlencode({k: v for k, v in filters.items() if v})
+    url = admin_url(config, "/admin/tap") + (f"?{query}" if query else "")
+    auth = {"Authorization": f"Bearer {config.admin.token}"}
+    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_SECONDS)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as http, \
+                http.get(url, headers=auth, read_bufsize=2**16,
+                         max_line_size=MAX_EVENT_BYTES) as response:
+            if response.status != 200:
+                raise TapError(f"{url.split('?')[0]} answered {response.status}:"
+                               f" {(await response.text())[:300]}")
+            async for event in _parsed(response.content.readline):
+                yield event
+    except (aiohttp.ClientError, OSError) as exc:
+        raise TapError(f"cannot read {url.split('?')[0]}: {exc}") from exc
+
+
+async def _parsed(readline: Callable[[], Any]) -> AsyncIterator[Event]:
+    """Server-Sent Events: `event:` and `data:` lines, a blank line ending each."""
+    kind, data = "message", ""
+    while line := (await readline()).decode("utf-8", "replace"):
+        line = line.rstrip("\r\n")
+        if not line:
+            if data:
+                yield kind, json.loads(data)
+            kind, data = "message", ""
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+
+
+def line(kind: str, data: dict[str, Any]) -> str | None:
+    """One readable line for an event; None for what people need not see."""
+    at = str(data.get("at", ""))[11:23]
+    if kind == "message":
+        what = _outcome(data)
+        return (f"{at}  {_cut(data.get('type'), 8):<8} {_cut(data.get('event'), 24):<24} "
+                f"{_cut(data.get('user'), 20):<20} {what}")
+    if kind == "delivery":
+        detail = f": {_cut(data.get('detail'), 60)}" if data.get("detail") else ""
+        return (f"{at}    {data.get('message_id')} -> {data.get('upstream')}:"
+                f" {data.get('outcome')} ({data.get('status')}){detail}")
+    if kind == "refused":
+        return (f"{at}  request to {data.get('route')} refused {data.get('status')}"
+                f" {data.get('code')}: {_cut(data.get('message'), 80)}")
+    if kind == "sampling" and data.get("share", 1.0) < 1.0:
+        return (f"(showing {data['share']:.0%} of messages: {data.get('rate')}/s is more than"
+                f" {data.get('max_per_second')}/s)")
+    return None
+
+
+def _outcome(data: dict[str, Any]) -> str:
+    outcome = str(data.get("outcome"))
+    if outcome == "dropped":
+        return f"dropped by {data.get('rule')}: {data.get('reason')}"
+    if outcome == "invalid":
+        return f"invalid: {data.get('reason')}"
+    changes = data.get("changes") or []
+    changed = "; ".join(f"{c.get('rule')} changed {', '.join(c.get('paths') or ['?'])}"
+                        for c in changes)
+    return f"forwarded ({changed})" if changed else "forwarded"
+
+
+def _cut(value: Any, width: int) -> str:
+    """`value` as text of at most `width` characters, control characters shown escaped (a
+    payload's text must not drive the terminal)."""
+    text = "-" if value is None else str(value)
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= width else text[:width - 1] + "…"

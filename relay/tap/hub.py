@@ -1,0 +1,217 @@
+"""Where tapped events meet their viewers: a bounded ring of recent ones, per-viewer queues that
+drop a viewer who does not read rather than buffer for it, and sampling above a readable rate.
+
+Ingest and delivery read `Tap.watching` (one attribute) and do nothing more while it is False:
+with no viewer, the tap costs a message nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+# What a new viewer is shown first: the latest events, up to a count and a size.
+RING_EVENTS = 200
+RING_BYTES = 4 * 1024 * 1024
+# Queued for one viewer at most; past it the viewer is dropped (its stream ends, saying why).
+VIEWER_BYTES = 1024 * 1024
+MAX_VIEWERS = 16
+# Messages a second that viewers are shown in full; above it, an even share of them. A person
+# reads a few a second; a page renders a few hundred; tracing costs ingest ~40 µs a message.
+MAX_PER_SECOND = 50
+# Delivery events follow the messages shown: the ids of this many are remembered.
+REMEMBERED = 2000
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What filters look at: a message's user (userId, else anonymousId), type and event name,
+    and once known its outcome, or the upstream of a delivery."""
+
+    user: str | None
+    type: str | None
+    event: str | None
+    outcome: str | None = None
+    upstream: str | None = None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """A viewer's query: exact user, type, outcome and upstream; `event` a glob (`Report *`).
+    An empty field admits everything."""
+
+    user: str = ""
+    type: str = ""
+    event: str = ""
+    outcome: str = ""
+    upstream: str = ""
+
+    def wants(self, user: Any, kind: Any, event: Any) -> bool:
+        """Whether a message with these fields, as received, may be shown (before its outcome)."""
+        return ((not self.user or user == self.user) and (not self.type or kind == self.type)
+                and (not self.event or (isinstance(event, str)
+                                        and fnmatch.fnmatchcase(event, self.event))))
+
+    def admits(self, seen: Summary) -> bool:
+        """Whether an event about a message summarised by `seen` is shown."""
+        if seen.upstream is not None and self.upstream and seen.upstream != self.upstream:
+            return False
+        if seen.upstream is None and self.outcome and seen.outcome != self.outcome:
+            return False
+        return self.wants(seen.user, seen.type, seen.event)
+
+
+class Viewer:
+    """One open stream: what is queued for it, and why it was dropped if it was."""
+
+    def __init__(self, filters: Filters) -> None:
+        self.filters = filters
+        self.queue: deque[bytes] = deque()
+        self.size = 0
+        self.dropped = ""
+        self.ready = asyncio.Event()
+
+    def offer(self, chunk: bytes) -> None:
+        if self.dropped:
+            return
+        if self.size + len(chunk) > VIEWER_BYTES:
+            self.dropped = "fell behind: relay does not buffer for a viewer that does not read"
+            self.queue.clear()
+            self.size = 0
+        else:
+            self.queue.append(chunk)
+            self.size += len(chunk)
+        self.ready.set()
+
+    def take(self) -> list[bytes]:
+        """Everything queued, oldest first; the queue is empty afterwards."""
+        chunks = list(self.queue)
+        self.queue.clear()
+        self.size = 0
+        self.ready.clear()
+        return chunks
+
+
+class Tap:
+    """The viewers of one relay process, and what they are shown."""
+
+    def __init__(self) -> None:
+        self.viewers: set[Viewer] = set()
+        self.watching = False
+        self.share = 1.0  # of wanted messages shown; below 1 while the rate is above the cap
+        self._ring: deque[tuple[Summary, bytes]] = deque()
+        self._ring_bytes = 0
+        # The messages shown, with each upstream's last outcome for them: a delivery event is
+        # published when it changes (a batch retried for an hour is one `retrying`, not 60).
+        self._shown: OrderedDict[str, tuple[Summary, dict[str, str]]] = OrderedDict()
+        self._seq = 0
+        self._second = 0
+        self._wanted = 0  # messages some viewer wanted in the current second
+        self._credit = 0.0
+
+    def join(self, filters: Filters) -> Viewer | None:
+        """A new viewer, first given the ring's events it admits; None when there are already
+        MAX_VIEWERS."""
+        if len(self.viewers) >= MAX_VIEWERS:
+            return None
+        viewer = Viewer(filters)
+        viewer.offer(self._chunk("sampling", self._sampling()))
+        for seen, chunk in self._ring:
+            if filters.admits(seen):
+                viewer.offer(chunk)
+        self.viewers.add(viewer)
+        self.watching = True
+        return viewer
+
+    def close(self, reason: str) -> None:
+        """Ends every viewer's stream, saying why (relay is stopping)."""
+        for viewer in self.viewers:
+            viewer.dropped = reason
+            viewer.ready.set()
+
+    def leave(self, viewer: Viewer) -> None:
+        self.viewers.discard(viewer)
+        self.watching = bool(self.viewers)
+        if not self.watching:  # what nobody watches is not kept
+            self._ring.clear()
+            self._ring_bytes = 0
+            self._shown.clear()
+
+    def sample(self, message: dict[str, Any]) -> bool:
+        """Whether this message, as received, is traced and shown: some viewer wants it, and
+        it falls in the shown share of this second's wanted messages."""
+        user = message.get("userId") or message.get("anonymousId")
+        if not any(v.filters.wants(user, message.get("type"), message.get("event"))
+                   for v in self.viewers):
+            return False
+        second = int(time.monotonic())
+        if second != self._second:
+            self._next_second(second)
+        self._wanted += 1
+        self._credit += self.share
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return True
+        return False
+
+    def _next_second(self, second: int) -> None:
+        """The share for the second starting now, from the rate of the one before."""
+        rate = self._wanted if second == self._second + 1 else 0
+        share = 1.0 if rate <= MAX_PER_SECOND else round(MAX_PER_SECOND / rate, 3)
+        self._second, self._wanted = second, 0
+        if share != self.share:
+            self.share = share
+            self._broadcast(Summary(None, None, None), self._chunk("sampling",
+                                                                   self._sampling(rate)))
+
+    def message(self, seen: Summary, record: dict[str, Any], message_id: Any) -> None:
+        """A message's record (`relay.tap.records`), to the viewers it is for and the ring."""
+        if isinstance(message_id, str):
+            self._shown[message_id] = (seen, {})
+            if len(self._shown) > REMEMBERED:
+                self._shown.popitem(last=False)
+        self._publish(seen, "message", {**record, "sampled": self.share})
+
+    def refused(self, record: dict[str, Any]) -> None:
+        """A whole request refused: shown to viewers that filter on nothing a request lacks."""
+        self._publish(Summary(None, None, None, outcome="refused"), "refused", record)
+
+    def delivery(self, upstream: str, message_ids: list[Any], record: dict[str, Any]) -> None:
+        """What an upstream did with a batch: an event per message shown whose outcome there
+        changed."""
+        outcome = record["outcome"]
+        for message_id in message_ids:
+            shown = self._shown.get(message_id) if isinstance(message_id, str) else None
+            if shown is None or shown[1].get(upstream) == outcome:
+                continue
+            seen, outcomes = shown
+            outcomes[upstream] = outcome
+            self._publish(Summary(seen.user, seen.type, seen.event, upstream=upstream),
+                          "delivery", {**record, "message_id": message_id, "upstream": upstream})
+
+    def _publish(self, seen: Summary, kind: str, record: dict[str, Any]) -> None:
+        chunk = self._chunk(kind, record)
+        self._broadcast(seen, chunk)
+        self._ring.append((seen, chunk))
+        self._ring_bytes += len(chunk)
+        while len(self._ring) > RING_EVENTS or self._ring_bytes > RING_BYTES:
+            self._ring_bytes -= len(self._ring.popleft()[1])
+
+    def _broadcast(self, seen: Summary, chunk: bytes) -> None:
+        everyone = seen.user is None and seen.type is None and seen.outcome is None
+        for viewer in self.viewers:
+            if everyone or viewer.filters.admits(seen):
+                viewer.offer(chunk)
+
+    def _chunk(self, kind: str, record: dict[str, Any]) -> bytes:
+        """One Server-Sent Event. ASCII JSON: a message's lone surrogates stay escaped."""
+        self._seq += 1
+        record = {"seq": self._seq, **record}
+        return f"id: {self._seq}\nevent: {kind}\ndata: {json.dumps(record)}\n\n".encode()
+
+    def _sampling(self, rate: float | None = None) -> dict[str, Any]:
+        return {"share": self.share, "rate": rate, "max_per_second": MAX_PER_SECOND}

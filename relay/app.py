@@ -56,6 +56,7 @@ class Relay:
         else:
             self.state = SqliteState(config.database, config.storage.cache_size)
         self.tap = Tap()
+        self.metrics.viewers = lambda: len(self.tap.viewers)
         self.ingest = Ingest(config.write_keys, Pipeline(config.rules, config.on_rule_error),
                              self.state, self.outbox, self.metrics,
                              body_seconds=config.limits.body_seconds, tap=self.tap)

@@ -59,6 +59,9 @@ class Metrics:
             "state_without_store_messages", "Messages whose rules ran without Redis's answer"
             " (decided: from what this relay knows; held: their rules run once it is back)",
             "how")
+        self.tap_viewers = Gauge("relay_tap_viewers", "Streams of /admin/tap open",
+                                 registry=self.registry, multiprocess_mode="livesum")
+        self.viewers: Callable[[], int] = lambda: 0
         # (connections open, bytes held), from the listener once it listens.
         self.connections: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.ingest_seconds = Histogram(
@@ -107,6 +110,7 @@ class Metrics:
         opened, held = self.connections()
         self.connections_open.set(opened)
         self.connections_held.set(held)
+        self.tap_viewers.set(self.viewers())
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not folder:
             return generate_latest(self.registry)

@@ -11,6 +11,7 @@ import fnmatch
 import json
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ RING_EVENTS = 200
 RING_BYTES = 4 * 1024 * 1024
 # Queued for one viewer at most; past it the viewer is dropped (its stream ends, saying why).
 VIEWER_BYTES = 1024 * 1024
+# Handed to a viewer's socket at once: what its transport buffers while the viewer is slow.
+WRITE_BYTES = 64 * 1024
 MAX_VIEWERS = 16
 # Messages a second that viewers are shown in full; above it, an even share of them. A person
 # reads a few a second; a page renders a few hundred; tracing costs ingest ~40 µs a message.
@@ -87,19 +90,25 @@ class Viewer:
             self.size += len(chunk)
         self.ready.set()
 
-    def take(self) -> list[bytes]:
-        """Everything queued, oldest first; the queue is empty afterwards."""
-        chunks = list(self.queue)
-        self.queue.clear()
-        self.size = 0
-        self.ready.clear()
-        return chunks
+    def take(self) -> bytes:
+        """The oldest queued events, about WRITE_BYTES of them (one at least)."""
+        taken: list[bytes] = []
+        size = 0
+        while self.queue and (not taken or size + len(self.queue[0]) <= WRITE_BYTES):
+            chunk = self.queue.popleft()
+            taken.append(chunk)
+            size += len(chunk)
+        self.size -= size
+        if not self.queue:
+            self.ready.clear()
+        return b"".join(taken)
 
 
 class Tap:
     """The viewers of one relay process, and what they are shown."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.viewers: set[Viewer] = set()
         self.watching = False
         self.share = 1.0  # of wanted messages shown; below 1 while the rate is above the cap
@@ -148,7 +157,7 @@ class Tap:
         if not any(v.filters.wants(user, message.get("type"), message.get("event"))
                    for v in self.viewers):
             return False
-        second = int(time.monotonic())
+        second = int(self.clock())
         if second != self._second:
             self._next_second(second)
         self._wanted += 1
@@ -203,9 +212,14 @@ class Tap:
 
     def _broadcast(self, seen: Summary, chunk: bytes) -> None:
         everyone = seen.user is None and seen.type is None and seen.outcome is None
+        dropped = []
         for viewer in self.viewers:
             if everyone or viewer.filters.admits(seen):
                 viewer.offer(chunk)
+                if viewer.dropped:
+                    dropped.append(viewer)
+        for viewer in dropped:  # no longer watching, though its stream takes a moment to end
+            self.leave(viewer)
 
     def _chunk(self, kind: str, record: dict[str, Any]) -> bytes:
         """One Server-Sent Event. ASCII JSON: a message's lone surrogates stay escaped."""

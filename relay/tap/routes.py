@@ -97,7 +97,7 @@ async def _send(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         if viewer.dropped:
             body = f"event: bye\ndata: {json.dumps({'reason': viewer.dropped})}\n\n".encode()
         else:
-            body = b"".join(viewer.take()) or b": keepalive\n\n"
+            body = viewer.take() or b": keepalive\n\n"
         try:
             await asyncio.wait_for(response.write(body), WRITE_SECONDS)
         except (TimeoutError, ConnectionError):

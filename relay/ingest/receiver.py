@@ -20,16 +20,15 @@ from relay.metrics import Metrics, Tally
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Entry, Outbox
 from relay.pipeline import Message
-from relay.pipeline.runner import Outcome, Pipeline, RuleContext
+from relay.pipeline.runner import Pipeline, RuleContext
 from relay.state.shared import SharedState
 from relay.state.sqlite import SqliteState
 from relay.tap import records
-from relay.tap.hub import Summary, Tap
+from relay.tap.hub import Tap
+from relay.tap.watch import Tapped, Watch
 
 log = logging.getLogger("relay.ingest")
 
-# What the tap is shown of a request's messages, published once they are stored.
-Tapped = list[tuple[Summary, dict[str, Any], Any]]
 
 OK = b'{"success": true}'
 STORAGE_RETRY_AFTER = "5"
@@ -134,7 +133,7 @@ class Ingest:
         """
         seen = Seen()
         budget = segment.Budget(size)
-        watch = None if tapped is None else _Watch(self.tap, tapped, route.path, key)
+        watch = None if tapped is None else Watch(self.tap, tapped, route.path, key)
         ready = _assembled(items, top, route, remote, budget=budget, seen=seen, watch=watch)
         refs = held.request_refs(ready)  # once: for the shared store's fetch and the rules' load
         if self.shared is not None:
@@ -148,7 +147,7 @@ class Ingest:
     async def rules(self, ready: list[tuple[Message, str | None]], route: str,
                     budget: segment.Budget, seen: Seen,
                     refs: list[str] | None = None, *,
-                    watch: _Watch | None = None) -> list[Entry]:
+                    watch: Watch | None = None) -> list[Entry]:
         """`ready`'s messages through the rules, serialised as stored; what `seen` counts.
         Their users' state (`refs`, when already known) is loaded first, in one go; the rules
         then run without a pause."""
@@ -164,7 +163,7 @@ class Ingest:
             state.settle()
 
     def _ruled(self, ready: list[tuple[Message, str | None]], ctx: RuleContext,
-               budget: segment.Budget, seen: Seen, watch: _Watch | None) -> list[Entry]:
+               budget: segment.Budget, seen: Seen, watch: Watch | None) -> list[Entry]:
         pipeline = self.pipeline
         entries: list[Entry] = []
         for message, sent in ready:
@@ -185,6 +184,8 @@ class Ingest:
             if size > segment.MAX_MESSAGE_BYTES or budget.used + size > budget.limit:
                 # Only the rules can make a message too large here: it was measured before.
                 _add(seen.invalid, budget.over(size) + "_after_rules")
+                if watch is not None:
+                    watch.too_large(message, budget.over(size) + "_after_rules")
                 continue
             budget.used += size
             entries.append((segment.user_key(final), body))
@@ -193,7 +194,7 @@ class Ingest:
 
 def _assembled(items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
                budget: segment.Budget, seen: Seen,
-               watch: _Watch | None = None) -> list[tuple[Message, str | None]]:
+               watch: Watch | None = None) -> list[tuple[Message, str | None]]:
     """Every valid item as the message the client's request makes of it (the batch's shared
     fields merged in, stamped), with its body as stored when its size must be checked; a
     PayloadError 413 when one is over the limits, before any rule or state has seen any."""
@@ -252,26 +253,6 @@ class Seen:
             counts[f"dropped.{step}"] = counts.get(f"dropped.{step}", 0) + n
             tally[("dropped", step, reason)] = n
         return counts, tally
-
-
-class _Watch:
-    """One request's messages as the tap samples them, recorded until they are stored."""
-
-    def __init__(self, tap: Tap, tapped: Tapped, route: str, key: str) -> None:
-        self.tap = tap
-        self.tapped = tapped
-        self.route = route
-        self.key = key
-
-    def traced(self, pipeline: Pipeline, message: Message,
-               result: Message | Outcome) -> Message | Outcome:
-        seen, record = records.traced(pipeline, message, result, self.route, self.key)
-        self.tapped.append((seen, record, message.get("messageId")))
-        return result
-
-    def invalid(self, message: Message, reason: str) -> None:
-        seen, record = records.invalid(message, self.route, self.key, reason)
-        self.tapped.append((seen, record, message.get("messageId")))
 
 
 def _add(counts: dict[Any, int], key: Any) -> None:

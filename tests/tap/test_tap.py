@@ -345,3 +345,19 @@ async def test_an_open_stream_does_not_hold_up_stopping(write_config, upstream, 
         assert "still running after" not in relay.output()
     finally:
         relay.ensure_dead()
+
+
+async def test_a_message_the_rules_make_too_large_is_shown_invalid(write_config, upstream,
+                                                                   start_relay, http):
+    """A message that a `set` rule makes larger than 32 KB is not stored, and the tap shows it
+    as invalid with the reason, not as forwarded."""
+    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                        admin={"token": TOKEN},
+                        rules=[{"type": "set", "path": "context.note", "value": "n" * 2000}])
+    async with start_relay(path) as running:
+        stream = await open_stream(http, running.url)
+        body = {"userId": "big", "event": "Large", "properties": {"pad": "p" * 31_500}}
+        assert await post(http, running.url, "/v1/track", body) == 200
+        shown = await stream.until("message", user="big")
+        assert shown["outcome"] == "invalid"
+        assert shown["reason"].endswith("_after_rules")

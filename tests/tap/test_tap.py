@@ -185,9 +185,10 @@ async def test_without_the_token_every_part_is_401_and_404_when_admin_is_off(
             async with http.get(running.url + "/admin/tap", headers=headers) as response:
                 assert response.status == 401
                 assert set(await response.json()) == {"code", "message"}
-        async with http.get(running.url + "/debugger") as response:
-            policy = response.headers.get("Content-Security-Policy", "")
-            if response.status == 200:  # the page's files are there (relay/tap/static)
+        for page in ("/debugger", "/debugger/debugger.js", "/debugger/debugger.css"):
+            async with http.get(running.url + page) as response:
+                assert response.status == 200, page
+                policy = response.headers["Content-Security-Policy"]
                 assert "script-src 'self'" in policy and "unsafe-inline" not in policy
         async with http.get(running.url + "/debugger/..%2Frecords.py") as response:
             assert response.status == 404

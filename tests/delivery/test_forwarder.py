@@ -251,7 +251,7 @@ async def test_other_4xx_dead_letters_the_batch(
         later = await send(http, relay, tracks("v", 2))  # relay keeps delivering afterwards
         got = await upstream.wait_for(2, seconds=5)
     assert [(u, s, m) for u, s, _, m in dead] == [("seg", status, m) for m in sent]
-    assert all(answer == body[:500] for _, _, answer, _ in dead)  # README: first 500 characters
+    assert all(answer == body[:500] for _, _, answer, _ in dead)  # docs/delivery.md: first 500
     assert [r.status for r in upstream.requests] == [status, 200]
     assert ids(got) == later
 

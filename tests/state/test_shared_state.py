@@ -255,7 +255,7 @@ async def test_redis_emptied_is_refilled_from_the_relays_own_state(relays, http,
 async def test_how_long_a_relay_may_not_yet_see_another_relays_change(relays, upstream, http):
     """Relay B has user u1 in g1 in its cache; relay A moves u1 to g2: B's tracks carry g1 for
     at most about state.cache_ms (here 300 ms) and the shipping, then g2. The figure is the
-    window the README states."""
+    window docs/delivery.md states."""
     async with relays(1, cache_ms=300) as a, relays(2, cache_ms=300) as b:
         await post(http, a, "/v1/group", {"userId": "u1", "groupId": "g1",
                                           "timestamp": "2026-12-07T10:00:00.000Z"})

@@ -218,20 +218,20 @@ async def test_ten_viewers_that_do_not_read_are_dropped_and_hold_bounded_memory(
                     break
                 await asyncio.sleep(0.05)
             assert len(tap.viewers) == 10
-            padding = "x" * 4000
+            # Events of ~30 KB (before and after): at the 50 a second sampling lets through,
+            # each viewer is sent ~1.5 MB a second, past its 1 MB and any socket buffer soon.
+            padding = "x" * 15_000
             statuses = []
-            for round_ in range(60):
+            for round_ in range(400):
+                if not tap.viewers:
+                    break
                 statuses.append(await post(http, running.url, "/v1/batch", {"batch": [
                     {"type": "track", "userId": f"u{round_}-{n}", "event": "Load",
-                     "properties": {"pad": padding}} for n in range(20)]}))
+                     "properties": {"pad": padding}} for n in range(10)]}))
                 assert all(v.size <= hub.VIEWER_BYTES for v in tap.viewers)
                 assert sum(len(chunk) for _, chunk in tap._ring) <= hub.RING_BYTES
                 await asyncio.sleep(0.02)
             assert set(statuses) == {200}
-            for _ in range(200):
-                if not tap.viewers:
-                    break
-                await asyncio.sleep(0.05)
             assert not tap.viewers, "viewers that do not read were kept"
             assert not tap.watching
         finally:

@@ -76,19 +76,27 @@ class Viewer:
         self.queue: deque[bytes] = deque()
         self.size = 0
         self.dropped = ""
+        self.fell_behind = False
         self.ready = asyncio.Event()
+        self.ended = asyncio.Event()  # set with `dropped`: a write waiting on it stops waiting
 
     def offer(self, chunk: bytes) -> None:
         if self.dropped:
             return
         if self.size + len(chunk) > VIEWER_BYTES:
-            self.dropped = "fell behind: relay does not buffer for a viewer that does not read"
-            self.queue.clear()
-            self.size = 0
+            self.fell_behind = True
+            self.drop("fell behind: relay does not buffer for a viewer that does not read")
         else:
             self.queue.append(chunk)
             self.size += len(chunk)
         self.ready.set()
+
+    def drop(self, reason: str) -> None:
+        self.dropped = reason
+        self.queue.clear()
+        self.size = 0
+        self.ready.set()
+        self.ended.set()
 
     def take(self) -> bytes:
         """The oldest queued events, about WRITE_BYTES of them (one at least)."""
@@ -118,15 +126,19 @@ class Tap:
         # published when it changes (a batch retried for an hour is one `retrying`, not 60).
         self._shown: OrderedDict[str, tuple[Summary, dict[str, str]]] = OrderedDict()
         self._seq = 0
+        self.open = 0  # streams not yet ended, the dropped ones too: what MAX_VIEWERS counts
+        self._everyone = False  # some viewer filters on nothing a message is wanted by
         self._second = 0
         self._wanted = 0  # messages some viewer wanted in the current second
+        self._traced = 0  # of them, traced
         self._credit = 0.0
 
     def join(self, filters: Filters) -> Viewer | None:
         """A new viewer, first given the ring's events it admits; None when there are already
         MAX_VIEWERS."""
-        if len(self.viewers) >= MAX_VIEWERS:
+        if self.open >= MAX_VIEWERS:
             return None
+        self.open += 1
         viewer = Viewer(filters)
         viewer.offer(self._chunk("sampling", self._sampling()))
         for seen, chunk in self._ring:
@@ -134,44 +146,56 @@ class Tap:
                 viewer.offer(chunk)
         self.viewers.add(viewer)
         self.watching = True
+        self._everyone = self._everyone or not (filters.user or filters.type or filters.event)
         return viewer
 
     def close(self, reason: str) -> None:
         """Ends every viewer's stream, saying why (relay is stopping)."""
         for viewer in self.viewers:
-            viewer.dropped = reason
-            viewer.ready.set()
+            viewer.drop(reason)
+
+    def closed(self, viewer: Viewer) -> None:
+        """A viewer's stream has ended."""
+        self.open -= 1
+        self.leave(viewer)
 
     def leave(self, viewer: Viewer) -> None:
+        """A viewer is shown nothing more (its stream may take a moment to end)."""
         self.viewers.discard(viewer)
         self.watching = bool(self.viewers)
+        self._everyone = any(not (v.filters.user or v.filters.type or v.filters.event)
+                             for v in self.viewers)
         if not self.watching:  # what nobody watches is not kept
             self._ring.clear()
             self._ring_bytes = 0
             self._shown.clear()
 
     def sample(self, message: dict[str, Any]) -> bool:
-        """Whether this message, as received, is traced and shown: some viewer wants it, and
-        it falls in the shown share of this second's wanted messages."""
-        user = message.get("userId") or message.get("anonymousId")
-        if not any(v.filters.wants(user, message.get("type"), message.get("event"))
-                   for v in self.viewers):
-            return False
+        """Whether this message, as received, is traced and shown: some viewer wants it, it
+        falls in the shown share of this second's wanted messages, and fewer than
+        MAX_PER_SECOND were traced this second (the share is the last second's: a burst's first
+        second would otherwise be traced whole)."""
+        if not self._everyone:
+            user = message.get("userId") or message.get("anonymousId")
+            if not any(v.filters.wants(user, message.get("type"), message.get("event"))
+                       for v in self.viewers):
+                return False
         second = int(self.clock())
         if second != self._second:
             self._next_second(second)
         self._wanted += 1
         self._credit += self.share
-        if self._credit >= 1.0:
-            self._credit -= 1.0
-            return True
-        return False
+        if self._credit < 1.0 or self._traced >= MAX_PER_SECOND:
+            return False
+        self._credit -= 1.0
+        self._traced += 1
+        return True
 
     def _next_second(self, second: int) -> None:
         """The share for the second starting now, from the rate of the one before."""
         rate = self._wanted if second == self._second + 1 else 0
         share = 1.0 if rate <= MAX_PER_SECOND else round(MAX_PER_SECOND / rate, 3)
-        self._second, self._wanted = second, 0
+        self._second, self._wanted, self._traced = second, 0, 0
         if share != self.share:
             self.share = share
             self._broadcast(Summary(None, None, None), self._chunk("sampling",

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -21,6 +23,7 @@ KEEPALIVE_SECONDS = 15.0
 # A write the viewer's socket has not taken in this long (its buffers full: it does not read)
 # ends the stream: relay holds no more for it than the socket does.
 WRITE_SECONDS = 10.0
+BYE_SECONDS = 1.0
 MAX_FILTER = 200
 OUTCOMES = ("forwarded", "dropped", "invalid", "refused")
 # Scripts and styles from relay itself, nothing inline, nothing third-party, no framing.
@@ -58,7 +61,7 @@ def routes(tap: Tap, authorized: Authorized, unauthorized: Refusal) -> list[web.
         try:
             return await _send(request, viewer)
         finally:
-            tap.leave(viewer)
+            tap.closed(viewer)
 
     async def page(request: web.Request) -> web.StreamResponse:
         path = files.get(request.match_info.get("name", "index.html"))
@@ -90,20 +93,63 @@ async def _send(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-store",
         "X-Accel-Buffering": "no"})  # nginx would hold events back to fill its buffer
+    response.force_close()  # a stream's connection is not used again
     await response.prepare(request)
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(viewer.ready.wait(), KEEPALIVE_SECONDS)
         if viewer.dropped:
-            body = f"event: bye\ndata: {json.dumps({'reason': viewer.dropped})}\n\n".encode()
-        else:
-            body = viewer.take() or b": keepalive\n\n"
-        try:
-            await asyncio.wait_for(response.write(body), WRITE_SECONDS)
-        except (TimeoutError, ConnectionError):
+            await _bye(request, response, viewer.dropped)
+            if viewer.fell_behind:  # what the kernel still holds for it would never be read
+                _abort(request)
             return response
-        if viewer.dropped:
+        if not await _written(response, viewer.take() or b": keepalive\n\n", viewer):
+            _abort(request)  # it does not read: nothing more would reach it
             return response
+
+
+async def _written(response: web.StreamResponse, body: bytes, viewer: Viewer) -> bool:
+    """Whether the viewer's socket took `body` within WRITE_SECONDS, and before the viewer was
+    dropped for falling behind (a write waits while the socket's buffers are full)."""
+    write = asyncio.ensure_future(response.write(body))
+    ended = asyncio.ensure_future(viewer.ended.wait())
+    try:
+        await asyncio.wait((write, ended), timeout=WRITE_SECONDS,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+    if not write.done():
+        write.cancel()
+        return False
+    return write.exception() is None
+
+
+async def _bye(request: web.Request, response: web.StreamResponse, reason: str) -> None:
+    """The stream's last event and its end; a viewer that does not take them within
+    BYE_SECONDS is cut off (its connection would otherwise stay open, holding what the kernel
+    buffers for it)."""
+    try:
+        await asyncio.wait_for(response.write(
+            f"event: bye\ndata: {json.dumps({'reason': reason})}\n\n".encode()), BYE_SECONDS)
+        await asyncio.wait_for(response.write_eof(), BYE_SECONDS)
+    except TimeoutError:
+        _abort(request)
+    except ConnectionError:
+        pass
+
+
+def _abort(request: web.Request) -> None:
+    """Resets the connection. A plain close would leave its unsent bytes with the kernel, which
+    keeps the connection until the peer reads them, however long that takes: with SO_LINGER
+    at 0 the close drops them and sends a reset."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -219,6 +219,8 @@ def _details(figure: Figure) -> list[str]:
 # as it is a reading of py-spy output, not a figure the run can measure.
 BUSY_LOAD = 0.5  # the 1-minute load average before a run above which others used the machine
 PROFILE = Path(__file__).resolve().parent / "profile.md"
+# The tap's cost, measured by bench/tap.py in a run of its own and kept beside the harness.
+TAP = Path(__file__).resolve().parent / "tap-results.md"
 
 
 def markdown(figures: dict[str, Figure], info: dict[str, list[tuple[str, str]]],
@@ -238,6 +240,8 @@ def markdown(figures: dict[str, Figure], info: dict[str, list[tuple[str, str]]],
             lines.append(f"| {v.target} | {v.measured} | {verdict} |")
     if not quick and PROFILE.exists():
         lines += ["", PROFILE.read_text().strip()]
+    if not quick and TAP.exists():
+        lines += ["", TAP.read_text().strip()]
     if chart:
         lines += ["", f"![relay ÷ baselines]({chart})"]
     for figure in figures.values():

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
-import random
 import sqlite3
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -18,6 +15,7 @@ import orjson
 
 from relay import clock
 from relay.delivery import vendor_batch
+from relay.delivery.health import Answer, Health, one_line, retry_after, retryable
 from relay.metrics import Metrics
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Outbox, Pending
@@ -29,10 +27,7 @@ if TYPE_CHECKING:  # the config is read by every stage; it imports the stages it
 
 log = logging.getLogger("relay.forwarder")
 
-RETRY_AFTER_CAP = 300.0
 LINGER_SECONDS = 0.05
-STORAGE_RETRY_SECONDS = 1.0
-FAILURE_LOG_SECONDS = 60.0  # while an upstream keeps failing, one line a minute is enough
 ANSWER_SNIPPET = 500
 # Deletes of delivered batches left to commit while the next batch is sent. With one, each batch
 # waited for the last one's delete (and now and then a WAL checkpoint) before its own could start:
@@ -42,34 +37,6 @@ ACKS_IN_FLIGHT = 2
 # is asked this often, with a TCP connect and nothing sent: it resumes within seconds of the
 # vendor's return instead of up to backoff_max_seconds later, and asks little while it is down.
 PROBE_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the upstream said to one batch; status 0 when it said nothing (refused, timed out)."""
-
-    status: int
-    text: str
-    retry_after: float | None = None
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        if parsed is None or parsed.tzinfo is None:
-            return None
-        seconds = (parsed - clock.now()).total_seconds()
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
-
-
-def retryable(status: int) -> bool:
-    """Whether keeping the batch and trying again later is right for `status` (§3.8)."""
-    return status == 0 or status in (408, 410, 429, 460) or status >= 500
 
 
 class Forwarder:
@@ -82,15 +49,20 @@ class Forwarder:
         self.outbox = outbox
         self.session = session
         self.metrics = metrics
-        self._last_failure_log = -FAILURE_LOG_SECONDS
         self.url = vendor_batch.batch_url(upstream.kind, upstream.url)
-        self.failures = 0
-        self.paused = False
-        self.unreachable = False  # the last failure had no answer at all (refused, DNS, reset)
+        self.health = Health(upstream, self.url, metrics)
         self._deadline: float | None = None
         self._stop = asyncio.Event()
         self._ahead: asyncio.Task[list[Pending]] | None = None  # the next batch, read ahead
         self._acking: list[asyncio.Task[None]] = []  # delivered batches' deletes, oldest first
+
+    @property
+    def paused(self) -> bool:
+        return self.health.paused
+
+    @property
+    def failures(self) -> int:
+        return self.health.failures
 
     def stop(self, grace_seconds: float) -> None:
         """Finish what is queued within `grace_seconds`, then return; the rest stays stored."""
@@ -136,12 +108,12 @@ class Forwarder:
             except (StorageError, sqlite3.Error) as exc:
                 # Delivered but not yet deleted is fine: it is sent again, and the vendor
                 # deduplicates on messageId. Losing the loop is not.
-                wait = self._storage_failed(exc)
+                wait = self.health.storage_failed(exc)
             if wait is not None:
                 if self._ahead is not None:
                     await _discard(self._ahead)  # this batch is read again first
                     self._ahead = None
-                await (self._probing(wait) if self.unreachable else self._sleep(wait))
+                await (self._probing(wait) if self.health.unreachable else self._sleep(wait))
             elif len(batch) < self.upstream.max_batch_messages and not self._stop.is_set():
                 # Under a steady stream, a short pause fills the next batch instead of sending
                 # many small ones; when idle it only delays the next message by as much.
@@ -176,19 +148,19 @@ class Forwarder:
             if len(self._acking) >= ACKS_IN_FLIGHT:
                 await self._acking.pop(0)
             self._acking.append(asyncio.create_task(self.outbox.ack(batch)))
-            self._recovered()
+            self.health.recovered()
             self._shown(batch, "delivered", answer)
             return None
         if answer.status in (400, 413):
             return await self._bisect(batch, answer)
         if retryable(answer.status):
             self._shown(batch, "retrying", answer)
-            return self._backoff(answer, len(batch))
+            return self.health.backoff(answer, len(batch))
         # 404 on the batch path is a wrong `url` (a vendor has that path), not a bad message:
         # dead-lettering would set every message aside until someone replays them.
         if answer.status in (401, 403, 404) or 300 <= answer.status < 400:
             self._shown(batch, "paused", answer)
-            return self._pause(answer)
+            return self.health.pause(answer)
         await self._dead_letter(batch, answer)
         return None
 
@@ -196,7 +168,7 @@ class Forwarder:
         """What became of `batch`, to the tap's viewers (only while someone watches)."""
         if self.tap.watching:
             ids = [_message_id(pending.body) for pending in batch]
-            detail = None if 200 <= answer.status < 300 else _one_line(answer.text)
+            detail = None if 200 <= answer.status < 300 else one_line(answer.text)
             self.tap.delivery(self.upstream.name, ids,
                               records.delivery(outcome, answer.status, detail))
 
@@ -248,55 +220,8 @@ class Forwarder:
         self.metrics.dead_letters.labels(self.upstream.name).inc(len(batch))
         log.error(
             "upstream %s: %d message(s) dead-lettered, answer %d: %s",
-            self.upstream.name, len(batch), answer.status, _one_line(answer.text),
+            self.upstream.name, len(batch), answer.status, one_line(answer.text),
         )
-
-    def _backoff(self, answer: Answer, batch_size: int) -> float:
-        self.failures += 1
-        self.unreachable = answer.status == 0
-        ceiling = min(
-            self.upstream.backoff_max_seconds,
-            self.upstream.backoff_initial_seconds * 2 ** min(self.failures - 1, 30),
-        )
-        wait = random.uniform(ceiling / 2, ceiling)
-        if answer.retry_after is not None:
-            wait = max(wait, answer.retry_after)
-        self.metrics.retries.labels(self.upstream.name).inc()
-        now = time.monotonic()
-        if self.failures == 1 or now - self._last_failure_log >= FAILURE_LOG_SECONDS:
-            self._last_failure_log = now
-            log.warning(
-                "upstream %s: batch of %d failed (%s), attempt %d; messages kept, next try in"
-                " %.1fs", self.upstream.name, batch_size, _describe(answer), self.failures, wait,
-            )
-        return wait
-
-    def _storage_failed(self, exc: Exception) -> float:
-        now = time.monotonic()
-        if now - self._last_failure_log >= FAILURE_LOG_SECONDS:
-            self._last_failure_log = now
-            log.warning("upstream %s: cannot read or update the outbox (%s); trying again",
-                        self.upstream.name, exc)
-        return STORAGE_RETRY_SECONDS
-
-    def _pause(self, answer: Answer) -> float:
-        if not self.paused:
-            hint = (f"{self.url} is no {self.upstream.kind} batch endpoint: check its url (the"
-                    " vendor's base, like https://api.segment.io)" if answer.status == 404
-                    else "Check its url and write_key")
-            log.error(
-                "upstream %s: paused, answer %s; messages are kept. %s; relay tries again every"
-                " %.0fs", self.upstream.name, _describe(answer), hint, self.upstream.pause_seconds,
-            )
-        self.paused = True
-        return self.upstream.pause_seconds
-
-    def _recovered(self) -> None:
-        if self.failures or self.paused:
-            log.info("upstream %s: delivering again", self.upstream.name)
-        self.failures = 0
-        self.paused = False
-        self.unreachable = False
 
     async def _probing(self, seconds: float) -> None:
         """`_sleep(seconds)`, cut short once the vendor accepts a connection again. Only a
@@ -345,12 +270,6 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
 
 
-def _describe(answer: Answer) -> str:
-    if answer.status == 0:
-        return answer.text
-    return f"{answer.status} {_one_line(answer.text)[:120]}"
-
-
 _ID = '"messageId":"'
 
 
@@ -367,7 +286,3 @@ def _message_id(body: str) -> object:
         return orjson.loads(body).get("messageId")
     except (orjson.JSONDecodeError, AttributeError):  # lone surrogates: shown without delivery
         return None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

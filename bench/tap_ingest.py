@@ -28,7 +28,7 @@ from relay.metrics import Metrics
 from relay.pipeline.runner import Pipeline
 from relay.state.sqlite import SqliteState
 from relay.tap.hub import Filters, Tap
-from relay.tap.watch import Tapped
+from relay.tap.watch import Watch
 
 ROUTE = segment.Route("/v1/batch", batch=True)
 BATCH = 100
@@ -39,8 +39,9 @@ async def run(ingest: Ingest, batches: list[list[dict[str, object]]]) -> float:
     aside), recording what the tap samples when it is watched."""
     start = time.perf_counter()
     for items in batches:
-        tapped: Tapped | None = [] if ingest.tap.watching else None
-        await ingest.process(items, {}, ROUTE, None, size=30_000, key="bench", tapped=tapped)
+        watch = Watch(ingest.tap, [], ROUTE.path, "bench", ingest.pipeline) \
+            if ingest.tap.watching else None
+        await ingest.process(items, {}, ROUTE, None, size=30_000, key="bench", watch=watch)
         ingest.state.drain()
     return time.perf_counter() - start
 

@@ -141,6 +141,9 @@ def _tap(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     filters = {name: getattr(args, name) or "" for name in tap_client.FILTERS}
+    # What is printed is cut and escaped already; a terminal that cannot show a character
+    # gets its escape rather than a traceback.
+    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     try:
         return asyncio.run(_tapping(loaded, filters, args.json, args.limit))
     except KeyboardInterrupt:

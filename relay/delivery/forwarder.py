@@ -20,7 +20,7 @@ from relay.metrics import Metrics
 from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Outbox, Pending
 from relay.tap import records
-from relay.tap.hub import Tap
+from relay.tap.hub import Tap, shown_key
 
 if TYPE_CHECKING:  # the config is read by every stage; it imports the stages itself
     from relay.config.model import Upstream
@@ -167,7 +167,7 @@ class Forwarder:
     def _shown(self, batch: list[Pending], outcome: str, answer: Answer) -> None:
         """What became of `batch`, to the tap's viewers (only while someone watches)."""
         if self.tap.watching:
-            ids = [_message_id(pending.body) for pending in batch]
+            ids = [shown_key(pending.user_key, _message_id(pending.body)) for pending in batch]
             detail = None if 200 <= answer.status < 300 else one_line(answer.text)
             self.tap.delivery(self.upstream.name, ids,
                               records.delivery(outcome, answer.status, detail))

@@ -25,7 +25,7 @@ from relay.state.shared import SharedState
 from relay.state.sqlite import SqliteState
 from relay.tap import records
 from relay.tap.hub import Tap
-from relay.tap.watch import Tapped, Watch
+from relay.tap.watch import Watch
 
 log = logging.getLogger("relay.ingest")
 
@@ -100,9 +100,10 @@ class Ingest:
         if self.write_keys and key not in self.write_keys:
             raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
         try:
-            tapped: Tapped | None = [] if self.tap.watching else None
+            watch = Watch(self.tap, [], route.path, key, self.pipeline) \
+                if self.tap.watching else None
             entries, counts, tally = await self.process(items, top, route, remote,
-                                                        size=len(raw), key=key, tapped=tapped)
+                                                        size=len(raw), key=key, watch=watch)
         except RecursionError:
             raise PayloadError(400, "too_deeply_nested", "the payload nests too deeply") from None
         invalid = {k: n for k, n in counts.items() if k.startswith("invalid.")}
@@ -115,25 +116,24 @@ class Ingest:
             self.state.forget()
             raise
         self.state.committed()
-        for seen, record, message_id in tapped or ():
-            self.tap.message(seen, record, message_id)
+        if watch is not None:
+            watch.publish()
         if "dropped.outbox_full" in counts:
             tally[("dropped", "storage", "outbox_full")] = counts["dropped.outbox_full"]
         self.metrics.record(tally)  # only now: a request refused with 503 comes again
 
     async def process(
         self, items: list[Any], top: dict[str, Any], route: Route, remote: str | None, *,
-        size: int, key: str = "", tapped: Tapped | None = None,
+        size: int, key: str = "", watch: Watch | None = None,
     ) -> tuple[list[Entry], dict[str, int], Tally]:
         """Each item validated, stamped and measured, then run through the rules; what is left,
         serialised, with the durable counters and the metrics' tally of what happened. `size`
         is the request's (decompressed) size, which bounds what it may store (`segment.Budget`).
         With a shared store, what its rules cannot run on yet is held (`relay.ingest.held`).
-        While the tap is watched, what it samples is recorded in `tapped`.
+        While the tap is watched, `watch` records what it samples.
         """
         seen = Seen()
         budget = segment.Budget(size)
-        watch = None if tapped is None else Watch(self.tap, tapped, route.path, key)
         ready = _assembled(items, top, route, remote, budget=budget, seen=seen, watch=watch)
         refs = held.request_refs(ready)  # once: for the shared store's fetch and the rules' load
         if self.shared is not None:
@@ -168,7 +168,7 @@ class Ingest:
         entries: list[Entry] = []
         for message, sent in ready:
             if watch is not None and watch.tap.sample(message):
-                final = watch.traced(pipeline, message, pipeline.start(message, ctx, trace=True))
+                final = watch.traced(message, pipeline.start(message, ctx, trace=True))
             else:
                 final = pipeline.start(message, ctx)
             if not isinstance(final, dict):  # a rule changed, dropped or failed on it
@@ -188,7 +188,10 @@ class Ingest:
                     watch.too_large(message, budget.over(size) + "_after_rules")
                 continue
             budget.used += size
-            entries.append((segment.user_key(final), body))
+            user_key = segment.user_key(final)
+            entries.append((user_key, body))
+            if watch is not None and watch.last is message:
+                watch.stored(message, user_key)
         return entries
 
 

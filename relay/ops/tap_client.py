@@ -13,6 +13,9 @@ from relay.config.model import Config
 from relay.ops.admin_url import admin_url
 
 FILTERS = ("user", "type", "event", "outcome", "upstream")
+# A line a person reads: this many rules and paths of each, the rest counted.
+MAX_RULES = 3
+MAX_PATHS = 5
 CONNECT_SECONDS = 5.0
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # relay's events are far smaller; a stream is not trusted
 
@@ -60,18 +63,19 @@ async def _parsed(readline: Callable[[], Any]) -> AsyncIterator[Event]:
 
 def line(kind: str, data: dict[str, Any]) -> str | None:
     """One readable line for an event; None for what people need not see."""
-    at = str(data.get("at", ""))[11:23]
+    at = _cut(str(data.get("at", ""))[11:23], 12)
     if kind == "message":
         what = _outcome(data)
         return (f"{at}  {_cut(data.get('type'), 8):<8} {_cut(data.get('event'), 24):<24} "
                 f"{_cut(data.get('user'), 20):<20} {what}")
     if kind == "delivery":
         detail = f": {_cut(data.get('detail'), 60)}" if data.get("detail") else ""
-        return (f"{at}    {data.get('message_id')} -> {data.get('upstream')}:"
-                f" {data.get('outcome')} ({data.get('status')}){detail}")
+        return (f"{at}    {_cut(data.get('message_id'), 40)} -> {_cut(data.get('upstream'), 40)}:"
+                f" {_cut(data.get('outcome'), 20)} ({_cut(data.get('status'), 4)}){detail}")
     if kind == "refused":
-        return (f"{at}  request to {data.get('route')} refused {data.get('status')}"
-                f" {data.get('code')}: {_cut(data.get('message'), 80)}")
+        return (f"{at}  request to {_cut(data.get('route'), 40)} refused"
+                f" {_cut(data.get('status'), 4)} {_cut(data.get('code'), 40)}:"
+                f" {_cut(data.get('message'), 80)}")
     if kind == "sampling" and data.get("share", 1.0) < 1.0:
         return (f"(showing {data['share']:.0%} of messages: {data.get('rate')}/s is more than"
                 f" {data.get('max_per_second')}/s)")
@@ -81,13 +85,23 @@ def line(kind: str, data: dict[str, Any]) -> str | None:
 def _outcome(data: dict[str, Any]) -> str:
     outcome = str(data.get("outcome"))
     if outcome == "dropped":
-        return f"dropped by {data.get('rule')}: {data.get('reason')}"
+        return f"dropped by {_cut(data.get('rule'), 40)}: {_cut(data.get('reason'), 60)}"
     if outcome == "invalid":
-        return f"invalid: {data.get('reason')}"
+        return f"invalid: {_cut(data.get('reason'), 60)}"
     changes = data.get("changes") or []
-    changed = "; ".join(f"{c.get('rule')} changed {', '.join(c.get('paths') or ['?'])}"
-                        for c in changes)
-    return f"forwarded ({changed})" if changed else "forwarded"
+    changed = "; ".join(f"{_cut(c.get('rule'), 40)} changed {_paths(c)}"
+                        for c in changes[:MAX_RULES])
+    if len(changes) > MAX_RULES:
+        changed += f"; {len(changes) - MAX_RULES} more rule(s)"
+    return f"forwarded ({changed})" if changed else _cut(outcome, 20)
+
+
+def _paths(change: dict[str, Any]) -> str:
+    """At most MAX_PATHS of a rule's paths, each cut; how many more."""
+    paths = change.get("paths") or ["?"]
+    more = len(paths) - MAX_PATHS + int(change.get("more") or 0)
+    shown = ", ".join(_cut(p, 40) for p in paths[:MAX_PATHS])
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _cut(value: Any, width: int) -> str:

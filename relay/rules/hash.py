@@ -21,7 +21,8 @@ class Hash:
     """Replaces each of `paths` by the hex HMAC-SHA256 of its value, keyed by the environment
     variable named in `key_env`; the same value always hashes the same, so joins still work."""
 
-    # The tap shows what this rule replaced as replaced, in the message as received too.
+    # The tap shows the message as received through `masked`, so that what this rule replaces
+    # is never shown in clear, whatever became of the message.
     masks_values: ClassVar[bool] = True
 
     paths: tuple[str, ...]
@@ -40,6 +41,10 @@ class Hash:
         object.__setattr__(self, "_key", key.encode())
 
     def apply(self, message: Message, ctx: RuleContext) -> Message | Drop:
+        return self.masked(message)
+
+    def masked(self, message: Message) -> Message:
+        """`message` with each of `paths` replaced by its hash."""
         for parts in self._parts:
             value = dotted.get(message, parts, _ABSENT)
             if value is _ABSENT or value is None:

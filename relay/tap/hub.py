@@ -28,6 +28,12 @@ MAX_VIEWERS = 16
 MAX_PER_SECOND = 50
 # Delivery events follow the messages shown: the ids of this many are remembered.
 REMEMBERED = 2000
+# Filters and what they are matched against are at most this many characters; a payload's
+# longer user or event name is matched on its start (and a glob's cost stays bounded).
+CUT = 200
+# One event's most: larger, its message as received and as stored are left out, so that one
+# hostile message can neither fill a viewer's queue nor the ring.
+MAX_EVENT_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,11 @@ class Filters:
 
     def wants(self, user: Any, kind: Any, event: Any) -> bool:
         """Whether a message with these fields, as received, may be shown (before its outcome)."""
-        return ((not self.user or user == self.user) and (not self.type or kind == self.type)
+        return ((not self.user or user == self.user
+                 or (isinstance(user, str) and len(user) > CUT and user[:CUT] == self.user))
+                and (not self.type or kind == self.type)
                 and (not self.event or (isinstance(event, str)
-                                        and fnmatch.fnmatchcase(event, self.event))))
+                                        and fnmatch.fnmatchcase(event[:CUT], self.event))))
 
     def admits(self, seen: Summary) -> bool:
         """Whether an event about a message summarised by `seen` is shown."""
@@ -124,7 +132,9 @@ class Tap:
         self._ring_bytes = 0
         # The messages shown, with each upstream's last outcome for them: a delivery event is
         # published when it changes (a batch retried for an hour is one `retrying`, not 60).
-        self._shown: OrderedDict[str, tuple[Summary, dict[str, str]]] = OrderedDict()
+        # Keyed by the hash of (user key, messageId) as stored: a client's id alone may collide
+        # with another user's; the id itself is kept cut to CUT characters.
+        self._shown: OrderedDict[int, tuple[Summary, str, dict[str, str]]] = OrderedDict()
         self._seq = 0
         self.open = 0  # streams not yet ended, the dropped ones too: what MAX_VIEWERS counts
         self._everyone = False  # some viewer filters on nothing a message is wanted by
@@ -141,9 +151,16 @@ class Tap:
         self.open += 1
         viewer = Viewer(filters)
         viewer.offer(self._chunk("sampling", self._sampling()))
-        for seen, chunk in self._ring:
+        recent: list[bytes] = []  # the newest of the ring that fill half its queue at most
+        room = VIEWER_BYTES // 2
+        for seen, chunk in reversed(self._ring):
             if filters.admits(seen):
-                viewer.offer(chunk)
+                if len(chunk) > room:
+                    break
+                recent.append(chunk)
+                room -= len(chunk)
+        for chunk in reversed(recent):
+            viewer.offer(chunk)
         self.viewers.add(viewer)
         self.watching = True
         self._everyone = self._everyone or not (filters.user or filters.type or filters.event)
@@ -201,10 +218,11 @@ class Tap:
             self._broadcast(Summary(None, None, None), self._chunk("sampling",
                                                                    self._sampling(rate)))
 
-    def message(self, seen: Summary, record: dict[str, Any], message_id: Any) -> None:
-        """A message's record (`relay.tap.records`), to the viewers it is for and the ring."""
-        if isinstance(message_id, str):
-            self._shown[message_id] = (seen, {})
+    def message(self, seen: Summary, record: dict[str, Any], key: int | None) -> None:
+        """A message's record (`relay.tap.records`), to the viewers it is for and the ring;
+        `key` (of a stored message: `shown_key`) to follow its delivery by."""
+        if key is not None:
+            self._shown[key] = (seen, str(record.get("message_id")), {})
             if len(self._shown) > REMEMBERED:
                 self._shown.popitem(last=False)
         self._publish(seen, "message", {**record, "sampled": self.share})
@@ -213,15 +231,15 @@ class Tap:
         """A whole request refused: shown to viewers that filter on nothing a request lacks."""
         self._publish(Summary(None, None, None, outcome="refused"), "refused", record)
 
-    def delivery(self, upstream: str, message_ids: list[Any], record: dict[str, Any]) -> None:
-        """What an upstream did with a batch: an event per message shown whose outcome there
-        changed."""
+    def delivery(self, upstream: str, keys: list[int], record: dict[str, Any]) -> None:
+        """What an upstream did with a batch (the `shown_key` of each of its messages): an
+        event per message shown whose outcome there changed."""
         outcome = record["outcome"]
-        for message_id in message_ids:
-            shown = self._shown.get(message_id) if isinstance(message_id, str) else None
-            if shown is None or shown[1].get(upstream) == outcome:
+        for key in keys:
+            shown = self._shown.get(key)
+            if shown is None or shown[2].get(upstream) == outcome:
                 continue
-            seen, outcomes = shown
+            seen, message_id, outcomes = shown
             outcomes[upstream] = outcome
             self._publish(Summary(seen.user, seen.type, seen.event, upstream=upstream),
                           "delivery", {**record, "message_id": message_id, "upstream": upstream})
@@ -249,7 +267,26 @@ class Tap:
         """One Server-Sent Event. ASCII JSON: a message's lone surrogates stay escaped."""
         self._seq += 1
         record = {"seq": self._seq, **record}
-        return f"id: {self._seq}\nevent: {kind}\ndata: {json.dumps(record)}\n\n".encode()
+        data = _json(record)
+        if data is None or len(data) > MAX_EVENT_BYTES:
+            note = {"omitted": f"more than the tap shows ({MAX_EVENT_BYTES // 1024} KB as JSON)"
+                    if data is not None else "nested too deeply to show"}
+            record = {**record, "before": note, "after": note if record.get("after") else None,
+                      "changes": record.get("changes", [])[:1]}
+            data = _json(record) or json.dumps({"seq": self._seq, "omitted": True})
+        return f"id: {self._seq}\nevent: {kind}\ndata: {data}\n\n".encode()
 
     def _sampling(self, rate: float | None = None) -> dict[str, Any]:
         return {"share": self.share, "rate": rate, "max_per_second": MAX_PER_SECOND}
+
+
+def shown_key(user_key: str, message_id: Any) -> int:
+    """What a stored message's delivery is followed by: its user key and its messageId."""
+    return hash((user_key, message_id))
+
+
+def _json(record: dict[str, Any]) -> str | None:
+    try:
+        return json.dumps(record)
+    except (RecursionError, ValueError, TypeError):
+        return None

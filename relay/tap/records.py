@@ -1,8 +1,9 @@
 """What a viewer is shown of one message: as received and as stored, the rules that changed it
 with the dotted paths each changed, or the rule or reason that stopped it.
 
-Values a `hash` rule replaced are shown hashed everywhere, as received too: a viewer sees no
-more than the vendor does."""
+What a masking rule (`hash`) replaces is never shown in clear: the message as received is shown
+through every masking rule of the config, whatever became of the message, and a copy elsewhere
+of a value one of them replaced is shown replaced too."""
 
 from __future__ import annotations
 
@@ -12,44 +13,55 @@ from relay import clock
 from relay.logs import mask
 from relay.pipeline import Message
 from relay.pipeline.runner import Outcome, Pipeline
-from relay.tap.hub import Summary
+from relay.tap.hub import CUT, Summary
 
 # Nested deeper than this, a changed value is reported at this depth: payloads are bounded, and
 # a path is for reading.
 MAX_DEPTH = 8
+# Paths listed per rule; the rest are counted (a rule may remove hundreds of properties).
+MAX_PATHS = 50
+# How deep copies of a replaced value are looked for (the rule's own paths are always masked).
+MASK_DEPTH = 64
 
 
 def summary(message: Message, outcome: str | None = None) -> Summary:
+    """What filters see of a message: its fields cut to CUT characters, as filters are."""
     user = message.get("userId") or message.get("anonymousId")
     event = message.get("event")
-    return Summary(user if isinstance(user, str) else None,
-                   message.get("type") if isinstance(message.get("type"), str) else None,
-                   event if isinstance(event, str) else None, outcome)
+    kind = message.get("type")
+    return Summary(user[:CUT] if isinstance(user, str) else None,
+                   kind[:CUT] if isinstance(kind, str) else None,
+                   event[:CUT] if isinstance(event, str) else None, outcome)
 
 
 def traced(pipeline: Pipeline, received: Message, result: Message | Outcome, route: str,
            key: str) -> tuple[Summary, dict[str, Any]]:
     """The record of a message the rules ran on (with `trace`): forwarded or dropped."""
     if not isinstance(result, Outcome):  # no rule changed it
-        return _record(received, route, key, "forwarded", after=result, changes=[])
-    masks = _masked(pipeline, result)
-    before = _masking(received, masks) if masks != ({}, {}) else received
+        return _record(masked(pipeline, received), route, key, "forwarded", after=result,
+                       changes=[])
+    before = masked(pipeline, received, result)
     changes: list[dict[str, Any]] = []
     for effect in result.effects:
         if effect.error is not None:
-            changes.append({"rule": effect.step, "paths": [], "error": effect.error})
+            changes.append({"rule": effect.step, "paths": [], "error": effect.error[:CUT]})
         elif effect.after is not None:
             paths = changed_paths(effect.before, effect.after)
-            changes.append({"rule": effect.step, "paths": paths})
+            change: dict[str, Any] = {"rule": effect.step,
+                                      "paths": [p[:CUT] for p in paths[:MAX_PATHS]]}
+            if len(paths) > MAX_PATHS:
+                change["more"] = len(paths) - MAX_PATHS
+            changes.append(change)
     if result.message is None:
         return _record(before, route, key, "dropped", changes=changes,
                        rule=result.dropped_by, reason=result.reason)
     return _record(before, route, key, "forwarded", after=result.message, changes=changes)
 
 
-def invalid(received: Message, route: str, key: str, reason: str) -> tuple[Summary, dict[str, Any]]:
+def invalid(pipeline: Pipeline, received: Message, route: str, key: str,
+            reason: str) -> tuple[Summary, dict[str, Any]]:
     """The record of a message not forwarded because the vendor would drop it."""
-    return _record(received, route, key, "invalid", changes=[], reason=reason)
+    return _record(masked(pipeline, received), route, key, "invalid", changes=[], reason=reason)
 
 
 def refused(route: str, status: int, code: str, message: str) -> dict[str, Any]:
@@ -63,15 +75,29 @@ def delivery(outcome: str, status: int, detail: str | None = None) -> dict[str, 
     return {"at": clock.iso(clock.now()), "outcome": outcome, "status": status, "detail": detail}
 
 
+def masked(pipeline: Pipeline, received: Message, result: Outcome | None = None) -> Message:
+    """`received` through every masking rule of `pipeline` (`masked`, on its own paths), and
+    with copies of what they replaced in `result`'s trace replaced too."""
+    maskers = [step.rule for step in pipeline.steps if getattr(step.rule, "masks_values", False)]
+    if not maskers:
+        return received
+    shown = received
+    for rule in maskers:
+        shown = rule.masked(shown)  # type: ignore[attr-defined]
+    replaced = _replaced(maskers, pipeline, result) if result is not None else {}
+    return _masking(shown, replaced, 0) if replaced else shown
+
+
 def _record(before: Message, route: str, key: str, outcome: str, *, changes: list[Any],
             after: Message | None = None, rule: str | None = None,
             reason: str | None = None) -> tuple[Summary, dict[str, Any]]:
     seen = summary(before, outcome)
+    message_id = before.get("messageId")
     return seen, {
         "at": clock.iso(clock.now()), "route": route, "write_key": mask(key),
-        "message_id": before.get("messageId"), "type": seen.type, "event": seen.event,
-        "user": seen.user, "outcome": outcome, "rule": rule, "reason": reason,
-        "before": before, "after": after, "changes": changes}
+        "message_id": message_id[:CUT] if isinstance(message_id, str) else None,
+        "type": seen.type, "event": seen.event, "user": seen.user, "outcome": outcome,
+        "rule": rule, "reason": reason, "before": before, "after": after, "changes": changes}
 
 
 def changed_paths(before: Any, after: Any, prefix: str = "", depth: int = 0) -> list[str]:
@@ -99,35 +125,28 @@ def _leaves(value: Any, prefix: str, depth: int) -> list[str]:
             for path in _leaves(inner, f"{prefix}.{name}", depth + 1)]
 
 
-def _masked(pipeline: Pipeline, result: Outcome) -> tuple[dict[str, str], dict[str, str]]:
-    """What each rule that masks values (`hash`) replaced: by the string it replaced (so that a
-    copy elsewhere in the message is masked too), and by path (any value, numbers included)."""
-    masking = {step.id for step in pipeline.steps if getattr(step.rule, "masks_values", False)}
-    by_value: dict[str, str] = {}
-    by_path: dict[str, str] = {}
+def _replaced(maskers: list[Any], pipeline: Pipeline, result: Outcome) -> dict[str, str]:
+    """The strings the masking rules replaced in this trace, each with what replaced it."""
+    steps = {step.id for step in pipeline.steps if step.rule in maskers}
+    replaced: dict[str, str] = {}
     for effect in result.effects:
-        if effect.step in masking and effect.after is not None:
+        if effect.step in steps and effect.after is not None:
             for path in changed_paths(effect.before, effect.after):
                 raw, hashed = _at(effect.before, path), _at(effect.after, path)
-                if isinstance(hashed, str):
-                    by_path[path] = hashed
-                    if isinstance(raw, str):
-                        by_value[raw] = hashed
-    return by_value, by_path
+                if isinstance(raw, str) and isinstance(hashed, str):
+                    replaced[raw] = hashed
+    return replaced
 
 
-def _masking(value: Any, masks: tuple[dict[str, str], dict[str, str]], path: str = "") -> Any:
-    """`value` with every value a masking rule replaced shown as it replaced it."""
-    by_value, by_path = masks
-    if path in by_path:
-        return by_path[path]
+def _masking(value: Any, replaced: dict[str, str], depth: int) -> Any:
     if isinstance(value, str):
-        return by_value.get(value, value)
+        return replaced.get(value, value)
+    if depth >= MASK_DEPTH:
+        return value
     if isinstance(value, dict):
-        return {k: _masking(v, masks, f"{path}.{k}" if path else str(k))
-                for k, v in value.items()}
+        return {k: _masking(v, replaced, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_masking(v, masks, "") for v in value]
+        return [_masking(v, replaced, depth + 1) for v in value]
     return value
 
 

@@ -9,22 +9,26 @@ import json
 import re
 import socket
 import struct
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
 
 from relay.pipeline import TYPES
-from relay.tap.hub import Filters, Tap, Viewer
+from relay.tap.hub import CUT, Filters, Tap, Viewer
 
 STATIC = Path(__file__).resolve().parent / "static"
 # A comment line this often keeps proxies and browsers from closing a quiet stream.
 KEEPALIVE_SECONDS = 15.0
+# How soon a viewer that hung up is noticed while its stream is quiet (it holds one of the
+# MAX_VIEWERS places, and the rules are traced for it, until then).
+GONE_SECONDS = 1.0
 # A write the viewer's socket has not taken in this long (its buffers full: it does not read)
 # ends the stream: relay holds no more for it than the socket does.
 WRITE_SECONDS = 10.0
 BYE_SECONDS = 1.0
-MAX_FILTER = 200
+MAX_FILTER = CUT
 OUTCOMES = ("forwarded", "dropped", "invalid", "refused")
 # Scripts and styles from relay itself, nothing inline, nothing third-party, no framing.
 PAGE_HEADERS = {
@@ -95,9 +99,16 @@ async def _send(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         "X-Accel-Buffering": "no"})  # nginx would hold events back to fill its buffer
     response.force_close()  # a stream's connection is not used again
     await response.prepare(request)
+    quiet_since = time.monotonic()
     while True:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(viewer.ready.wait(), KEEPALIVE_SECONDS)
+            await asyncio.wait_for(viewer.ready.wait(), GONE_SECONDS)
+        if request.transport is None or request.transport.is_closing():
+            return response  # the viewer hung up
+        if not viewer.ready.is_set() and not viewer.dropped \
+                and time.monotonic() - quiet_since < KEEPALIVE_SECONDS:
+            continue
+        quiet_since = time.monotonic()
         if viewer.dropped:
             await _bye(request, response, viewer.dropped)
             if viewer.fell_behind:  # what the kernel still holds for it would never be read

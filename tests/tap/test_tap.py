@@ -17,6 +17,7 @@ import pytest
 from fakes import FakeUpstream, free_port
 from processes import RelayProcess, clean_env
 
+from relay.ops import tap_client
 from relay.tap import hub, records
 from relay.tap.hub import Filters, Tap
 
@@ -385,3 +386,89 @@ async def test_a_message_the_rules_make_too_large_is_shown_invalid(write_config,
         shown = await stream.until("message", user="big")
         assert shown["outcome"] == "invalid"
         assert shown["reason"].endswith("_after_rules")
+
+
+async def test_hostile_messages_change_nothing_and_cannot_shut_viewers_out(
+        write_config, upstream, start_relay, http, monkeypatch):
+    """With a viewer open: a 480 KB invalid message is shown with its payload left out (the
+    viewer stays, and one joining later too); a message nested 900 deep is answered and
+    delivered exactly as with nobody watching; a staff member's email that a hash rule would
+    replace is not shown in clear although the message was dropped."""
+    monkeypatch.setenv("RELAY_HASH_KEY", HASH_KEY)
+    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                        admin={"token": TOKEN},
+                        rules=[*RULES[:2], {"type": "hash", "paths": ["traits.email", "userId"]}])
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(900):
+        deep = {"n": deep}
+    async with start_relay(path) as running:
+        stream = await open_stream(http, running.url)
+        huge = json.dumps({"batch": [{"type": "track", "event": "\U0001f600" * 120_000}]},
+                          ensure_ascii=False).encode()  # 480 KB sent, 1.4 MB as ASCII JSON
+        async with http.post(running.url + "/v1/batch", data=huge, headers=BASIC) as answer:
+            assert answer.status == 200
+        shown = await stream.until("message", outcome="invalid")
+        assert "omitted" in shown["before"] and len(shown["event"]) == 200
+        later = await open_stream(http, running.url)
+        assert (await later.until("message", outcome="invalid"))["before"] == shown["before"]
+        assert await post(http, running.url, "/v1/batch", {"batch": [
+            {"type": "track", "userId": "u-deep", "event": "Deep", "messageId": "deep-1",
+             "properties": deep}]}) == 200
+        await upstream.wait_for(1)
+        assert await post(http, running.url, "/v1/identify", {
+            "userId": "ann", "traits": {"email": "ann@example.com"}}) == 200
+        staff = await stream.until("message", outcome="dropped")
+        assert "ann@example.com" not in json.dumps(staff)
+        assert len(staff["before"]["traits"]["email"]) == 64
+        assert running.relay.tap.viewers  # nobody was dropped along the way
+    assert upstream.accepted_ids() == ["deep-1"]
+
+
+async def test_a_delivery_is_shown_to_the_viewer_of_its_own_user_when_ids_collide(
+        tap_config, start_relay, http, upstream):
+    """Another user's message with the same messageId does not take over the delivery events
+    of the first: a viewer of the first user sees its message delivered."""
+    async with start_relay(tap_config) as running:
+        victim = await open_stream(http, running.url, user="victim")
+        await upstream.stop()
+        for user in ("victim", "attacker"):
+            assert await post(http, running.url, "/v1/track", {
+                "userId": user, "event": "E", "messageId": "same-id"}) == 200
+        assert (await victim.until("message"))["user"] == "victim"
+        assert (await victim.until("delivery", seconds=5))["outcome"] == "retrying"
+        await upstream.start()
+        delivered = await victim.until("delivery", seconds=10, outcome="delivered")
+        assert delivered["message_id"] == "same-id"
+
+
+async def test_a_viewer_that_hangs_up_gives_its_place_back_within_seconds(
+        tap_config, start_relay, http):
+    """MAX_VIEWERS streams opened and closed by their clients: a new stream is accepted within
+    a few seconds, not after the 15 s keepalive that would first notice them gone."""
+    async with start_relay(tap_config) as running:
+        streams = [await open_stream(http, running.url) for _ in range(hub.MAX_VIEWERS)]
+        async with http.get(running.url + "/admin/tap", headers=BEARER) as response:
+            assert response.status == 429
+        for stream in streams:
+            stream.response.close()
+        for _ in range(60):
+            if running.relay.tap.open == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert running.relay.tap.open == 0
+        await open_stream(http, running.url)
+
+
+def test_relay_tap_lines_escape_what_a_payload_could_do_to_a_terminal():
+    """Control characters and lone surrogates in any field are printed escaped, and a rule that
+    changed hundreds of paths makes one short line."""
+    hostile = "x\x1b]0;TITLE\x07\x1b[2J\r\ud800"
+    line = tap_client.line("message", {
+        "at": "2026-12-07T16:00:00.000Z", "type": hostile, "event": hostile, "user": hostile,
+        "outcome": "forwarded", "changes": [{"rule": hostile, "paths": [hostile] * 800}]})
+    delivery = tap_client.line("delivery", {"message_id": hostile, "upstream": hostile,
+                                            "outcome": hostile, "status": 200})
+    for text in (line, delivery):
+        assert text is not None and text.isprintable()
+        assert "\x1b" not in text and "\r" not in text and "\ud800" not in text
+    assert line is not None and len(line) < 400 and "more" in line

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from fakes import FakeUpstream
+from fakes import FakeUpstream, free_port
+from processes import RelayProcess
 
 from relay import app, server
 from relay.config import model as config
@@ -49,6 +50,29 @@ def write_config(tmp_path: Path) -> WriteConfig:
         return path
 
     return write
+
+
+SpawnRelay = Callable[..., Awaitable[RelayProcess]]
+
+
+@pytest.fixture
+async def spawn_relay(write_config: WriteConfig, tmp_path: Path) -> AsyncIterator[SpawnRelay]:
+    """Starts `relay serve` as a real process on a free port with the given upstreams and
+    top-level config; each is ready when returned, and killed by its pid at teardown."""
+    started: list[RelayProcess] = []
+
+    async def start(upstreams: list[dict[str, Any]], **overrides: Any) -> RelayProcess:
+        port = free_port()
+        path = write_config(upstreams, listen=f"127.0.0.1:{port}", **overrides)
+        process = RelayProcess(path, port, tmp_path / f"relay-{len(started)}.log")
+        started.append(process)
+        process.spawn()
+        await process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.ensure_dead()
 
 
 class RunningRelay:

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,22 +174,9 @@ Serve = Callable[..., Awaitable[RelayProcess]]
 
 
 @pytest.fixture
-def serve(write_config: Callable[..., Path], tmp_path: Path) -> Iterator[Serve]:
+def serve(spawn_relay: Serve) -> Serve:
     """Starts relay as a real process on a free port with the given upstreams; killed after."""
-    started: list[RelayProcess] = []
-
-    async def start(upstreams: list[dict[str, Any]], **overrides: Any) -> RelayProcess:
-        port = free_port()
-        path = write_config(upstreams, listen=f"127.0.0.1:{port}", **overrides)
-        process = RelayProcess(path, port, tmp_path / "relay.log")
-        started.append(process)
-        process.spawn()
-        await process.wait_ready()
-        return process
-
-    yield start
-    for process in started:
-        process.ensure_dead()
+    return spawn_relay
 
 
 # An SDK that ignored the snippet's host would post to its vendor: the proxy the HTTP clients of

@@ -14,7 +14,7 @@ import os
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -96,18 +96,10 @@ class Container:
 
 
 @pytest.fixture
-async def vendor() -> AsyncIterator[FakeUpstream]:
-    """A fake vendor on this machine's loopback; the containers reach it through slirp4netns."""
-    fake = FakeUpstream()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-def containers(vendor: FakeUpstream) -> Iterator[Containers]:
-    """Containers of the image on a fresh named volume; all removed, volume too, afterwards."""
-    made = Containers(f"relay-test-{uuid.uuid4().hex[:8]}", vendor)
+def containers(upstream: FakeUpstream) -> Iterator[Containers]:
+    """Containers of the image on a fresh named volume, their vendor the fake one on this
+    machine's loopback (reached through slirp4netns); all removed, volume too, afterwards."""
+    made = Containers(f"relay-test-{uuid.uuid4().hex[:8]}", upstream)
     try:
         yield made
     finally:
@@ -129,7 +121,7 @@ async def test_runs_as_uid_10001_and_its_healthcheck_passes(containers: Containe
 
 
 async def test_a_real_sdks_events_reach_the_vendor_through_the_shipped_rules(
-        containers: Containers, vendor: FakeUpstream) -> None:
+        containers: Containers, upstream: FakeUpstream) -> None:
     """Events from segment-analytics-python reach the vendor through the container, with the
     shipped rules applied: a track after a group call carries context.groupId, a staff user's
     events (email at RELAY_STAFF_DOMAIN) are dropped."""
@@ -146,37 +138,37 @@ async def test_a_real_sdks_events_reach_the_vendor_through_the_shipped_rules(
     finally:
         await asyncio.to_thread(client.shutdown)
     assert errors == []
-    got = await vendor.wait_for(3, seconds=20)
+    got = await upstream.wait_for(3, seconds=20)
     await asyncio.sleep(0.5)  # the dropped ones would have come by now, at 50 ms a batch
-    got = vendor.accepted()
+    got = upstream.accepted()
     assert [(m["type"], m.get("userId")) for m in got] == [
         ("identify", "u1"), ("group", "u1"), ("track", "u1")]
     assert got[2]["context"]["groupId"] == "acme"
-    assert vendor.requests[0].headers["Authorization"].startswith("Basic ")
+    assert upstream.requests[0].headers["Authorization"].startswith("Basic ")
 
 
 async def test_sigkill_under_load_then_a_new_container_on_the_volume_delivers_every_200(
-        containers: Containers, vendor: FakeUpstream) -> None:
+        containers: Containers, upstream: FakeUpstream) -> None:
     """With the vendor down, SDK-like load is answered 200 and kept in /data; `podman kill -s
     KILL` mid-load; a new container on the same volume, the vendor back, delivers every message
     that was answered 200."""
     box = await containers.run().ready()
-    await vendor.stop()
+    await upstream.stop()
     async with Load(box.url, tag="img") as load:
         assert await acks_grow(load, 1.5) > 100, f"little load answered 200\n{box.logs()}"
         podman("kill", "-s", "KILL", box.name)
         await asyncio.sleep(0.3)  # the load meets a dead port for a moment, as SDKs would
     assert load.statuses == Counter(), f"answers other than 200: {load.statuses}"
     assert box.running() is not None, "the container outlived SIGKILL"
-    await vendor.start()
+    await upstream.start()
     again = await containers.run().ready()
-    missing = await wait_delivered(vendor, load.acked, 60.0)
+    missing = await wait_delivered(upstream, load.acked, 60.0)
     assert not missing, (f"{len(missing)} of {len(load.acked)} messages answered 200 were lost, "
                          f"e.g. {sorted(missing)[:5]}\n{again.logs()[-3000:]}")
 
 
 async def test_a_read_only_root_filesystem_with_data_a_volume_works(
-        containers: Containers, vendor: FakeUpstream) -> None:
+        containers: Containers, upstream: FakeUpstream) -> None:
     """With `--read-only` (only /data, a volume, writable) relay starts, stores and delivers,
     and the root filesystem really is read-only."""
     box = await containers.run("--read-only").ready()
@@ -185,5 +177,5 @@ async def test_a_read_only_root_filesystem_with_data_a_volume_works(
     async with Load(box.url, tag="ro") as load:
         assert await acks_grow(load, 1.0) > 0, f"nothing answered 200\n{box.logs()}"
     assert load.statuses == Counter()
-    missing = await wait_delivered(vendor, load.acked, 30.0)
+    missing = await wait_delivered(upstream, load.acked, 30.0)
     assert not missing, f"{len(missing)} messages not delivered\n{box.logs()[-3000:]}"

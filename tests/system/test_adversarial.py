@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,25 +68,16 @@ def longest_line(text: str) -> int:
 
 
 @pytest.fixture
-async def serve(write_config: Callable[..., Path], upstream: FakeUpstream,
-                tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+def serve(spawn_relay: Callable[..., Awaitable[RelayProcess]],
+          upstream: FakeUpstream) -> Callable[..., Awaitable[RelayProcess]]:
     """Starts `relay serve` on a free port with extra top-level config; killed at teardown."""
-    made: list[RelayProcess] = []
+    limits = {"header_seconds": HEADER_SECONDS, "body_seconds": BODY_SECONDS}
 
     async def start(**overrides: Any) -> RelayProcess:
-        port = free_port()
-        limits = {"header_seconds": HEADER_SECONDS, "body_seconds": BODY_SECONDS}
-        path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
-                            listen=f"127.0.0.1:{port}", limits=limits, **overrides)
-        relay = RelayProcess(path, port, tmp_path / f"relay-{len(made)}.log")
-        made.append(relay)
-        relay.spawn()
-        await relay.wait_ready()
-        return relay
+        return await spawn_relay([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                                 limits=limits, **overrides)
 
-    yield start
-    for relay in made:
-        relay.ensure_dead()
+    return start
 
 
 async def test_bytes_behind_a_handover_are_read_at_the_clients_pace(serve):

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from fakes import FakeUpstream, free_port
-from processes import RelayProcess, clean_env
+from fakes import FakeUpstream
+from processes import clean_env
 
 from relay.ops import tap_client
 from relay.tap import hub, records
@@ -310,20 +310,15 @@ async def test_nobody_watching_builds_nothing(tap_config, start_relay, http):
             await stream.until("message", seconds=0.5)
 
 
-async def test_relay_tap_prints_a_line_per_message_and_stops_after_limit(
-        write_config, upstream, tmp_path):
+async def test_relay_tap_prints_a_line_per_message_and_stops_after_limit(spawn_relay, upstream):
     """`relay tap --user u2 --limit 1` beside a running relay prints u2's message as one line
     with its outcome, and exits 0; with --json it prints the event as JSON."""
-    port = free_port()
-    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
-                        admin={"token": TOKEN}, rules=RULES[:2], listen=f"127.0.0.1:{port}")
-    relay = RelayProcess(path, port, tmp_path / "relay.log")
-    relay.spawn()
-    command = [sys.executable, "-m", "relay", "tap", "--config", str(path), "--user", "u2",
-               "--limit", "1"]
+    relay = await spawn_relay([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                              admin={"token": TOKEN}, rules=RULES[:2])
+    command = [sys.executable, "-m", "relay", "tap", "--config", str(relay.config_path),
+               "--user", "u2", "--limit", "1"]
     taps: list[asyncio.subprocess.Process] = []
     try:
-        await relay.wait_ready()
         for each in (command, [*command, "--json"]):
             taps.append(await asyncio.create_subprocess_exec(
                 *each, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -348,28 +343,20 @@ async def test_relay_tap_prints_a_line_per_message_and_stops_after_limit(
             if each.returncode is None:
                 each.kill()
                 await each.wait()
-        relay.ensure_dead()
 
 
-async def test_an_open_stream_does_not_hold_up_stopping(write_config, upstream, tmp_path):
+async def test_an_open_stream_does_not_hold_up_stopping(spawn_relay, upstream):
     """SIGTERM with a tap open: the stream ends with a `bye` that says relay is stopping, and
     relay exits 0 without waiting out the drain of requests in flight."""
-    port = free_port()
-    path = write_config([{"name": "seg", "kind": "segment", "url": upstream.url}],
-                        admin={"token": TOKEN}, listen=f"127.0.0.1:{port}")
-    relay = RelayProcess(path, port, tmp_path / "relay.log")
-    relay.spawn()
-    try:
-        await relay.wait_ready()
-        async with aiohttp.ClientSession() as http:
-            stream = await open_stream(http, relay.url)
-            relay.send(signal.SIGTERM)
-            bye = await stream.until("bye", seconds=5)
-            assert "stopping" in bye["reason"]
-        assert await relay.wait_exit(5) == 0, relay.output()
-        assert "still running after" not in relay.output()
-    finally:
-        relay.ensure_dead()
+    relay = await spawn_relay([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                              admin={"token": TOKEN})
+    async with aiohttp.ClientSession() as http:
+        stream = await open_stream(http, relay.url)
+        relay.send(signal.SIGTERM)
+        bye = await stream.until("bye", seconds=5)
+        assert "stopping" in bye["reason"]
+    assert await relay.wait_exit(5) == 0, relay.output()
+    assert "still running after" not in relay.output()
 
 
 async def test_a_message_the_rules_make_too_large_is_shown_invalid(write_config, upstream,

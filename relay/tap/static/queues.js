@@ -3,7 +3,7 @@
 
 import { $, clear, el, text } from './dom.js'
 import { bytes, duration, updatedNow } from './format.js'
-import { Unauthorized, getJson } from './token.js'
+import { loadJson } from './token.js'
 
 const QUEUE_EVERY_MS = 2000
 
@@ -32,17 +32,8 @@ export const queues = {
 }
 
 async function loadQueues () {
-  const error = $('queues-error')
-  let body
-  try {
-    body = await getJson('/admin/queue')
-  } catch (err) {
-    if (err instanceof Unauthorized) return // the token form is up: that says it all
-    error.textContent = `Cannot load the queues: ${err.message}`
-    error.hidden = false
-    return
-  }
-  error.hidden = true
+  const body = await loadJson('/admin/queue', 'queues-error', 'the queues')
+  if (body === null) return
   const rows = $('queue-rows')
   clear(rows)
   for (const q of Array.isArray(body.upstreams) ? body.upstreams : []) rows.append(queueRow(q))

@@ -89,3 +89,20 @@ export async function getJson (path) {
   }
   return body
 }
+
+// The JSON at `path` for a view, or null once the view's error line (`errorId`) says why it
+// could not be had (or the token form is up again, which says it all).
+export async function loadJson (path, errorId, what) {
+  const error = $(errorId)
+  try {
+    const body = await getJson(path)
+    error.hidden = true
+    return body
+  } catch (err) {
+    if (!(err instanceof Unauthorized)) {
+      error.textContent = `Cannot load ${what}: ${err.message}`
+      error.hidden = false
+    }
+    return null
+  }
+}

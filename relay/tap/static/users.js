@@ -4,20 +4,11 @@
 import { $, clear, el, text } from './dom.js'
 import { fullTime, updatedNow } from './format.js'
 import { drawGroupsChart } from './groups-chart.js'
-import { Unauthorized, getJson } from './token.js'
+import { loadJson } from './token.js'
 
 export async function loadReport () {
-  const error = $('users-error')
-  let report
-  try {
-    report = await getJson('/admin/report')
-  } catch (err) {
-    if (err instanceof Unauthorized) return // the token form is up: that says it all
-    error.textContent = `Cannot load the report: ${err.message}`
-    error.hidden = false
-    return
-  }
-  error.hidden = true
+  const report = await loadJson('/admin/report', 'users-error', 'the report')
+  if (report === null) return
   const multi = Array.isArray(report.multi_group_users) ? report.multi_group_users : []
   const internal = Array.isArray(report.internal_users) ? report.internal_users : []
   const counters = report.counters && typeof report.counters === 'object' ? report.counters : {}

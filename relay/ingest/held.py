@@ -15,8 +15,8 @@ from __future__ import annotations
 from relay.ingest import segment
 from relay.metrics import Metrics
 from relay.pipeline import Message, identity
+from relay.state.model import user_ref
 from relay.state.shared import SharedState
-from relay.state.sqlite import user_ref
 
 Ready = list[tuple[Message, str | None]]
 

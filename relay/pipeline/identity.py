@@ -8,7 +8,7 @@ from typing import Any
 
 from relay import clock, skew
 from relay.pipeline import Message
-from relay.state.sqlite import State, anon_ref, user_ref
+from relay.state.model import State, anon_ref, user_ref
 
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 

@@ -11,7 +11,7 @@ from relay.pipeline import Message, identity
 
 if TYPE_CHECKING:
     from relay.pipeline.condition import Condition
-    from relay.state.sqlite import State
+    from relay.state.model import State
 
 
 log = logging.getLogger("relay.pipeline")

@@ -8,7 +8,7 @@ from typing import ClassVar
 from relay.options.fields import FieldError
 from relay.pipeline import Message, identity
 from relay.pipeline.runner import Drop, RuleContext
-from relay.state.sqlite import State
+from relay.state.model import State
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from relay.options.fields import FieldError
 from relay.pipeline import TYPES, Message, identity
 from relay.pipeline.runner import Drop, RuleContext
-from relay.state.sqlite import State, anon_ref, user_ref
+from relay.state.model import State, anon_ref, user_ref
 
 
 @dataclass(frozen=True)

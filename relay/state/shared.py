@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from relay.state.model import MISSING, Cache, Membership, wins
 from relay.state.redis_store import Fetched, RedisStore, dumps
-from relay.state.sqlite import MISSING, Cache, Membership, SqliteState, wins
+from relay.state.sqlite import SqliteState
 
 JOURNAL = """
 CREATE TABLE IF NOT EXISTS state_journal (id INTEGER PRIMARY KEY AUTOINCREMENT, ops TEXT NOT NULL);

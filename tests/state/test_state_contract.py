@@ -36,10 +36,11 @@ from test_rules import (
 from relay.config.model import UserState
 from relay.ingest import held
 from relay.metrics import Metrics
+from relay.state.model import storable
 from relay.state.redis_store import RedisStore
 from relay.state.shared import SharedState
 from relay.state.shipper import Shipper
-from relay.state.sqlite import SqliteState, storable
+from relay.state.sqlite import SqliteState
 
 Step = Callable[[int, Message], Awaitable[Any]]
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from relay.metrics import CONTENT_TYPE, Metrics
 from relay.ops import queue, report
 from relay.outbox import stats as outbox_stats
 from relay.outbox.capacity import Capacity
+from relay.outbox.group_commit import StorageError
 from relay.outbox.store import Outbox
 from relay.pipeline.runner import Pipeline
 from relay.reloader import Reloader
@@ -94,12 +96,23 @@ class Relay:
         try:
             yield
         finally:
-            await self._stop()
-            await session.close()
-            await self.outbox.close()
-            await self.state.close()
-            if self.store is not None:
-                await self.store.close()
+            await self._close(session)
+
+    async def _close(self, session: aiohttp.ClientSession) -> None:
+        """Stops the parts, each whatever became of the one before (the database's folder may
+        be gone, say): a connection left open would keep its thread, and the process, alive.
+        The first failure is raised once all are closed."""
+        steps = [self._stop, session.close, self.outbox.close, self.state.close]
+        if self.store is not None:
+            steps.append(self.store.close)
+        failure: BaseException | None = None
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def _stop(self) -> None:
         grace = self.config.shutdown_grace_seconds
@@ -113,7 +126,12 @@ class Relay:
         for task in late:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for waiting in await self.outbox.stats():
+        try:
+            kept = await self.outbox.stats()
+        except (StorageError, sqlite3.Error) as exc:
+            log.error("stopped: cannot read what is kept for the next start (%s)", exc)
+            return
+        for waiting in kept:
             if waiting.messages:
                 log.info("stopped: %d message(s) for %s kept for the next start",
                          waiting.messages, waiting.upstream)

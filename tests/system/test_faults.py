@@ -304,3 +304,23 @@ def test_relay_salvage_recovers_the_readable_half_of_a_torn_database(
     assert f"outbox: {saved} row(s)" in result.stdout
     assert 0 < saved < 600 and len(set(ids)) == saved
     figures(test="corrupt_db_salvage", stored=600, outbox_rows_salvaged=saved)
+
+
+async def test_the_database_folder_removed_under_relay_still_lets_it_stop(
+        spawn_relay, upstream, tmp_path):
+    """The folder of relay's database removed while it runs with messages waiting (the vendor
+    down), then SIGTERM: relay says what it could not do and exits, instead of hanging on the
+    connections that the failed steps of its shutdown left open."""
+    await upstream.stop()
+    folder = tmp_path / "data"
+    relay = await spawn_relay([{"name": "seg", "kind": "segment", "url": upstream.url}],
+                              storage={"path": str(folder / "relay.db"), "synchronous": "normal"})
+    async with aiohttp.ClientSession() as http, http.post(
+            relay.url + "/v1/track", json={"userId": "u1", "event": "E"}, headers=AUTH) as answer:
+        assert answer.status == 200
+    shutil.rmtree(folder)
+    relay.send(signal.SIGTERM)
+    code = await relay.wait_exit(20)
+    assert code is not None, f"relay did not exit:\n{relay.output()[-3000:]}"
+    assert "cannot read what is kept" in relay.output_of_last_start(), relay.output()
+    assert "damaged" not in relay.output() and "salvage" not in relay.output(), relay.output()

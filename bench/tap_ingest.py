@@ -39,7 +39,7 @@ async def run(ingest: Ingest, batches: list[list[dict[str, object]]]) -> float:
     aside), recording what the tap samples when it is watched."""
     start = time.perf_counter()
     for items in batches:
-        watch = Watch(ingest.tap, [], ROUTE.path, "bench", ingest.pipeline) \
+        watch = Watch(ingest.tap, ROUTE.path, "bench", ingest.pipeline) \
             if ingest.tap.watching else None
         await ingest.process(items, {}, ROUTE, None, size=30_000, key="bench", watch=watch)
         ingest.state.drain()

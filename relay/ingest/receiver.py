@@ -100,7 +100,7 @@ class Ingest:
         if self.write_keys and key not in self.write_keys:
             raise PayloadError(401, "invalid_write_key", "the write key is not accepted here")
         try:
-            watch = Watch(self.tap, [], route.path, key, self.pipeline) \
+            watch = Watch(self.tap, route.path, key, self.pipeline) \
                 if self.tap.watching else None
             entries, counts, tally = await self.process(items, top, route, remote,
                                                         size=len(raw), key=key, watch=watch)

@@ -25,10 +25,9 @@ Tapped = list[tuple[Summary, dict[str, Any], int | None]]
 class Watch:
     """What the tap samples of one request's messages, until they are stored."""
 
-    def __init__(self, tap: Tap, tapped: Tapped, route: str, key: str,
-                 pipeline: Pipeline) -> None:
+    def __init__(self, tap: Tap, route: str, key: str, pipeline: Pipeline) -> None:
         self.tap = tap
-        self.tapped = tapped
+        self.tapped: Tapped = []
         self.route = route
         self.key = key
         self.pipeline = pipeline
